@@ -1,0 +1,41 @@
+// ESLint flat config. The restricted-import rules make the layout mechanical:
+// src/core is pure TypeScript (no vscode, no native modules), and only
+// src/validate may load onnxruntime-node.
+import js from '@eslint/js';
+import tseslint from 'typescript-eslint';
+
+export default tseslint.config(
+  { ignores: ['node_modules/**', 'dist/**', 'out/**', 'examples/**', 'test/fixtures/**'] },
+  js.configs.recommended,
+  ...tseslint.configs.recommended,
+  {
+    rules: {
+      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_' }],
+    },
+  },
+  {
+    files: ['src/core/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', {
+        paths: [
+          { name: 'vscode', message: 'src/core must not depend on the VS Code API.' },
+          { name: 'onnxruntime-node', message: 'src/core must not load native modules; use src/validate.' },
+          { name: 'child_process', message: 'src/core does no process management.' },
+          { name: 'node:child_process', message: 'src/core does no process management.' },
+        ],
+      }],
+    },
+  },
+  {
+    files: ['src/cli.ts', 'src/extension/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', {
+        paths: [{ name: 'onnxruntime-node', message: 'Load onnxruntime only in the validation child process (src/validate/worker.ts).' }],
+      }],
+    },
+  },
+  {
+    files: ['scripts/**/*.mjs'],
+    languageOptions: { globals: { console: 'readonly', process: 'readonly' } },
+  },
+);

@@ -1,0 +1,102 @@
+// The shared vocabulary: what every format reader reports about a model and its blocks.
+// Detection, the CLI, the tree view and the webview consume only these types.
+
+export type ModelFormat = 'onnx' | 'pytorch' | 'safetensors';
+
+/** How one parallel branch of a block contributes to the sum. */
+export type BranchKind =
+  /** k×k convolution (bias optional; PyTorch's exporter folds its BN into it). */
+  | 'conv'
+  /** convolution followed by its own BatchNormalization. */
+  | 'conv_bn'
+  /** BatchNormalization of the block input: the identity branch. */
+  | 'bn_identity'
+  /** the block input itself. */
+  | 'identity';
+
+export interface BranchInfo {
+  kind: BranchKind;
+  /** Spatial kernel size of a conv branch, e.g. [3, 3]; identity branches have none. */
+  kernel?: number[];
+  hasBias: boolean;
+  hasBN: boolean;
+  /** Epsilon of this branch's BN, as stored in the model (or assumed: see `epsilonSource`). */
+  epsilon?: number;
+  epsilonSource?: 'model' | 'assumed' | 'override';
+  /** A constant factor multiplies the branch (PP-YOLOE's alpha). */
+  scaled?: boolean;
+  /** Parameter count of the branch (weights, bias, BN γ/β/mean/var, factor). */
+  params: number;
+  /** Element type of the branch weights. */
+  dtype?: string;
+  /** Names of the model nodes or modules that make up this branch. */
+  parts: string[];
+}
+
+export interface BlockInfo {
+  /** Module path taken from the exporter's name scopes (e.g. `model.102`), else the output tensor. */
+  name: string;
+  /** Best guess of the architecture family, from names and structure. */
+  family: string;
+  /** Spatial size of the fused kernel. */
+  kernel: number[];
+  stride: number[];
+  groups: number;
+  inChannels: number;
+  outChannels: number;
+  branches: BranchInfo[];
+  /** A BatchNormalization applied to the sum (QARepVGG, RepViT). */
+  postBN?: { epsilon: number; epsilonSource?: 'model' | 'assumed' | 'override' };
+  /** Op or module right after the block (kept as is), when there is exactly one. */
+  activation?: string;
+  /** Tensor (ONNX) or module path (checkpoint) the block produces. */
+  output: string;
+  /** Parameters before and after fusion. */
+  paramsBefore: number;
+  paramsAfter: number;
+}
+
+/** Something that looks like a block but cannot be fused exactly, with the reason. */
+export interface RejectedCandidate {
+  name: string;
+  reason: string;
+  parts: string[];
+}
+
+/** A standalone Conv → BatchNormalization pair folded into the Conv. */
+export interface FoldInfo {
+  name: string;
+  conv: string;
+  bn: string;
+  epsilon: number;
+}
+
+export interface ModelSummary {
+  format: ModelFormat;
+  path: string;
+  fileSize: number;
+  producer?: string;
+  irVersion?: number;
+  opsets?: { domain: string; version: number }[];
+  /** For checkpoints: where the weights were found ("model", "ema", "state_dict", …) and how. */
+  layout?: string;
+  nodeCount?: number;
+  paramCount: number;
+  paramBytes: number;
+  dtypes: Record<string, number>;
+  opCounts?: Record<string, number>;
+  notes: string[];
+}
+
+export interface InspectReport {
+  model: ModelSummary;
+  blocks: BlockInfo[];
+  rejected: RejectedCandidate[];
+  folds: FoldInfo[];
+  /** Conv → BN pairs seen but left alone, with the reason. */
+  notFolded: RejectedCandidate[];
+  /** Op counts after fusion (ONNX). */
+  opCountsAfter?: Record<string, number>;
+  nodeCountAfter?: number;
+  paramCountAfter: number;
+}

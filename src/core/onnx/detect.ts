@@ -1,0 +1,525 @@
+// Block detection on an ONNX graph: Add trees whose leaves are parallel branches of one input,
+// optionally followed by a BatchNormalization; plus standalone Conv → BatchNormalization pairs.
+import { dtypeName, isFloatType } from '../dtype';
+import type { BlockInfo, BranchInfo, FoldInfo, RejectedCandidate } from '../model';
+import { type ConstRef, GraphIndex, commonScopeName } from './graph';
+import { attrFloat, attrInt, attrInts, attrString, numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
+
+export interface BNRef {
+  node: OnnxNode;
+  scale: ConstRef;
+  bias: ConstRef;
+  mean: ConstRef;
+  variance: ConstRef;
+  eps: number;
+}
+
+export interface ConvLeaf {
+  kind: 'conv' | 'conv_bn';
+  conv: OnnxNode;
+  weight: ConstRef;
+  bias?: ConstRef;
+  bn?: BNRef;
+  mul?: { node: OnnxNode; factor: ConstRef };
+  kernel: number[];
+  stride: number[];
+  groups: number;
+}
+
+export interface IdentityLeaf {
+  kind: 'identity' | 'bn_identity';
+  bn?: BNRef;
+}
+
+export type Leaf = ConvLeaf | IdentityLeaf;
+
+export const isConvLeaf = (l: Leaf): l is ConvLeaf => l.kind === 'conv' || l.kind === 'conv_bn';
+
+export interface OnnxBlock {
+  info: BlockInfo;
+  /** The tensor every branch reads. */
+  x: string;
+  /** The tensor the block produces (root Add, or the post-add BN); the fused Conv keeps this name. */
+  output: string;
+  leaves: Leaf[];
+  postBN?: BNRef;
+  /** All nodes the fused Conv replaces. */
+  nodes: OnnxNode[];
+  dtype: number;
+  kernel: number[];
+  stride: number[];
+  groups: number;
+  inPerGroup: number;
+  outChannels: number;
+  /** A Conv of the block whose attributes (other than geometry) the fused Conv inherits. */
+  template: OnnxNode;
+  /** Constant zeros added in the tree (MobileOne's `out = 0 + …`): they vanish with the block. */
+  zeros: ConstRef[];
+}
+
+export interface OnnxFold {
+  info: FoldInfo;
+  conv: OnnxNode;
+  bn: BNRef;
+  weight: ConstRef;
+  bias?: ConstRef;
+  kernel: number[];
+  stride: number[];
+  groups: number;
+  output: string;
+  dtype: number;
+}
+
+export interface Detection {
+  index: GraphIndex;
+  blocks: OnnxBlock[];
+  rejected: RejectedCandidate[];
+  folds: OnnxFold[];
+  notFolded: RejectedCandidate[];
+  /** Add trees that are residual connections (one branch plus a shortcut), left as they are. */
+  residuals: number;
+}
+
+export interface DetectOptions {
+  foldBN: boolean;
+}
+
+/** Thrown inside the analysis of one candidate; becomes a RejectedCandidate. */
+class Reject extends Error {}
+
+declare const opBrand: unique symbol;
+/** A node known to have a given op type (branded so a failed check does not narrow to never). */
+type OpNode = OnnxNode & { readonly [opBrand]: true };
+const isOp = (n: OnnxNode | undefined, op: string): n is OpNode => !!n && n.opType === op && (n.domain === '' || n.domain === 'ai.onnx');
+const label = (n: OnnxNode) => `${n.opType} '${n.name || n.outputs[0]}'`;
+const fmtK = (k: number[]) => k.join('×');
+
+interface ConvGeometry {
+  kernel: number[];
+  stride: number[];
+  groups: number;
+  outChannels: number;
+  inPerGroup: number;
+}
+
+export function detect(model: OnnxModel, opts: DetectOptions): Detection {
+  const index = new GraphIndex(model);
+  const det: Detection = { index, blocks: [], rejected: [], folds: [], notFolded: [], residuals: 0 };
+  const claimed = new Set<OnnxNode>();
+  const nodes = model.graph.nodes;
+
+  const isAddLike = (n: OnnxNode | undefined): n is OpNode => isOp(n, 'Add') || isOp(n, 'Sum');
+  /** An Add whose only reader is another Add of the same tree. */
+  const isInner = (n: OnnxNode): boolean => {
+    const out = n.outputs[0];
+    const c = index.consumersOf(out);
+    return c.length === 1 && isAddLike(c[0]) && index.usedOnlyBy(out, c[0]);
+  };
+
+  function collect(root: OnnxNode): { adds: OnnxNode[]; leaves: string[] } {
+    const adds: OnnxNode[] = [];
+    const leaves: string[] = [];
+    const walk = (n: OnnxNode) => {
+      adds.push(n);
+      for (const i of n.inputs) {
+        const p = index.producer.get(i);
+        if (isAddLike(p) && index.usedOnlyBy(i, n)) walk(p);
+        else leaves.push(i);
+      }
+    };
+    walk(root);
+    return { adds, leaves };
+  }
+
+  // ----- leaves -------------------------------------------------------------------------------
+
+  function bnRef(n: OnnxNode): BNRef {
+    if (n.inputs.length < 5) throw new Reject(`${label(n)} has ${n.inputs.length} inputs; expected 5.`);
+    if (attrInt(n, 'training_mode', 0) !== 0) throw new Reject(`${label(n)} is in training mode (training_mode=1).`);
+    for (const extra of n.outputs.slice(1)) {
+      if (extra && (index.consumersOf(extra).length || index.graphOutputs.has(extra))) throw new Reject(`${label(n)} uses its running-statistics outputs (training mode).`);
+    }
+    const c = (i: number, what: string) => {
+      const r = index.constant(n.inputs[i]);
+      if (!r) throw new Reject(`${what} of ${label(n)} is computed at run time, not a constant.`);
+      return r;
+    };
+    return { node: n, scale: c(1, 'scale'), bias: c(2, 'bias'), mean: c(3, 'running mean'), variance: c(4, 'running variance'), eps: attrFloat(n, 'epsilon', 1e-5) };
+  }
+
+  /** Interprets tensor `t` as a branch of `x`, or returns undefined. Throws Reject for fatal problems. */
+  function classify(t: string, x: string, allowMul = true): { leaf: Leaf; nodes: OnnxNode[]; head: OnnxNode | undefined } | undefined {
+    if (t === x) return { leaf: { kind: 'identity' }, nodes: [], head: undefined };
+    const p = index.producer.get(t);
+    if (!p) return undefined;
+    if (isOp(p, 'Conv') && p.inputs[0] === x) return { leaf: convLeaf(p), nodes: [p], head: p };
+    if (isOp(p, 'BatchNormalization')) {
+      if (p.inputs[0] === x) return { leaf: { kind: 'bn_identity', bn: bnRef(p) }, nodes: [p], head: p };
+      const q = index.producer.get(p.inputs[0]);
+      if (isOp(q, 'Conv') && q.inputs[0] === x) {
+        if (!index.usedOnlyBy(q.outputs[0], p)) throw new Reject(`output of ${label(q)} is also used by ${index.otherUses(q.outputs[0], p)}.`);
+        const leaf = convLeaf(q);
+        leaf.kind = 'conv_bn';
+        leaf.bn = bnRef(p);
+        return { leaf, nodes: [q, p], head: p };
+      }
+    }
+    if (allowMul && isOp(p, 'Mul') && p.inputs.length === 2) {
+      for (const side of [0, 1]) {
+        const factor = index.constant(p.inputs[1 - side]);
+        if (!factor) continue;
+        const inner = classify(p.inputs[side], x, false);
+        if (!inner || inner.leaf.kind === 'identity' || inner.leaf.kind === 'bn_identity') return undefined;
+        const h = inner.head!;
+        if (!index.usedOnlyBy(h.outputs[0], p)) throw new Reject(`output of ${label(h)} is also used by ${index.otherUses(h.outputs[0], p)}.`);
+        (inner.leaf as ConvLeaf).mul = { node: p, factor };
+        return { leaf: inner.leaf, nodes: [...inner.nodes, p], head: p };
+      }
+    }
+    return undefined;
+  }
+
+  /** Inputs a leaf would read if it were a conv branch (candidates for the block input x). */
+  function convInputs(t: string, depth = 0): string[] {
+    const p = index.producer.get(t);
+    if (!p || depth > 1) return [];
+    if (isOp(p, 'Conv')) return [p.inputs[0]];
+    if (isOp(p, 'BatchNormalization')) {
+      const q = index.producer.get(p.inputs[0]);
+      return isOp(q, 'Conv') ? [q.inputs[0]] : [];
+    }
+    // Mul by a constant factor (PP-YOLOE's alpha); an activation such as SiLU's x·σ(x) is not one.
+    if (isOp(p, 'Mul') && p.inputs.some((i) => index.constant(i))) return p.inputs.flatMap((i) => convInputs(i, depth + 1));
+    return [];
+  }
+
+  function geometry(conv: OnnxNode, weight: ConstRef): ConvGeometry {
+    const w = weight.tensor.dims;
+    if (w.length < 3) throw new Reject(`weight of ${label(conv)} has shape ${fmtK(w)}; expected [out, in/groups, ...kernel].`);
+    const kernel = w.slice(2);
+    const r = kernel.length;
+    const ks = attrInts(conv, 'kernel_shape');
+    if (ks && fmtK(ks) !== fmtK(kernel)) throw new Reject(`${label(conv)} declares kernel_shape ${fmtK(ks)} but its weight is ${fmtK(kernel)}.`);
+    const stride = attrInts(conv, 'strides') ?? new Array(r).fill(1);
+    const dil = attrInts(conv, 'dilations') ?? new Array(r).fill(1);
+    if (dil.some((d) => d !== 1)) throw new Reject(`${label(conv)} has dilation ${fmtK(dil)}; only dilation 1 can be merged.`);
+    if (kernel.some((k) => k % 2 === 0)) throw new Reject(`${label(conv)} has an even kernel ${fmtK(kernel)}, which has no centre.`);
+    const autoPad = attrString(conv, 'auto_pad') ?? 'NOTSET';
+    if (autoPad === 'VALID') {
+      if (kernel.some((k) => k !== 1)) throw new Reject(`${label(conv)} uses auto_pad=VALID with a ${fmtK(kernel)} kernel, which is not centred.`);
+    } else if (autoPad === 'SAME_UPPER' || autoPad === 'SAME_LOWER') {
+      if (stride.some((s) => s !== 1)) throw new Reject(`${label(conv)} uses auto_pad=${autoPad} with stride ${fmtK(stride)}; its padding depends on the input size.`);
+    } else if (autoPad === 'NOTSET') {
+      const pads = attrInts(conv, 'pads') ?? new Array(2 * r).fill(0);
+      const want = kernel.map((k) => (k - 1) / 2);
+      if (pads.length !== 2 * r || want.some((p, i) => pads[i] !== p || pads[i + r] !== p)) {
+        throw new Reject(`pads [${pads.join(', ')}] of ${label(conv)} do not centre its ${fmtK(kernel)} kernel (need [${[...want, ...want].join(', ')}]).`);
+      }
+    } else throw new Reject(`${label(conv)} has unknown auto_pad '${autoPad}'.`);
+    const groups = attrInt(conv, 'group', 1);
+    return { kernel, stride, groups, outChannels: w[0], inPerGroup: w[1] };
+  }
+
+  function convLeaf(conv: OnnxNode): ConvLeaf {
+    const weight = index.constant(conv.inputs[1]);
+    if (!weight) throw new Reject(`weight of ${label(conv)} is computed at run time, not a constant.`);
+    let bias: ConstRef | undefined;
+    if (conv.inputs[2]) {
+      bias = index.constant(conv.inputs[2]);
+      if (!bias) throw new Reject(`bias of ${label(conv)} is computed at run time, not a constant.`);
+    }
+    if (!isFloatType(weight.tensor.dtype)) throw new Reject(`weight of ${label(conv)} is ${dtypeName(weight.tensor.dtype)}; only float weights can be fused.`);
+    const g = geometry(conv, weight);
+    return { kind: 'conv', conv, weight, bias, kernel: g.kernel, stride: g.stride, groups: g.groups };
+  }
+
+  // ----- blocks -------------------------------------------------------------------------------
+
+  function nameFor(parts: OnnxNode[], output: string): string {
+    return commonScopeName(parts.map((n) => n.name)) ?? output;
+  }
+
+  /** Tries to make a block of the Add tree at `root`. Returns a block, a rejection, or nothing. */
+  function analyze(root: OnnxNode): OnnxBlock | RejectedCandidate | 'residual' | undefined {
+    const { adds, leaves: all } = collect(root);
+    // `0 + …` (MobileOne starts its sum from a constant zero) contributes nothing.
+    const zeros: ConstRef[] = [];
+    const leaves = all.filter((t) => {
+      const z = zeroConstant(t);
+      if (z) zeros.push(z);
+      return !z;
+    });
+    const candidates = [...new Set(leaves.flatMap((t) => convInputs(t)))];
+    if (candidates.length === 0) return undefined; // no Conv among the leaves: not a re-param block
+    const treeOut = root.outputs[0];
+    let lastReject: string | undefined;
+    for (const x of candidates) {
+      try {
+        const classified = leaves.map((t) => classify(t, x));
+        if (classified.some((c) => !c)) continue;
+        return buildBlock(adds, classified as NonNullable<(typeof classified)[number]>[], x, treeOut, zeros);
+      } catch (err) {
+        if (!(err instanceof Reject)) throw err;
+        lastReject = err.message;
+      }
+    }
+    const parts = [...adds];
+    for (const t of leaves) {
+      const p = index.producer.get(t);
+      if (p) parts.push(p);
+    }
+    const name = nameFor(parts, treeOut);
+    if (lastReject) return { name, reason: lastReject, parts: parts.map((n) => n.name || n.outputs[0]) };
+    // One conv-like branch plus anything else is a residual connection (x + f(x)), not a
+    // re-parameterization block: count it, do not list it as a near miss.
+    const convLike = leaves.filter((t) => {
+      const p = index.producer.get(t);
+      return isOp(p, 'Conv') || isOp(p, 'BatchNormalization') || (isOp(p, 'Mul') && p.inputs.some((i) => index.constant(i)));
+    });
+    if (convLike.length < 2) return 'residual';
+    const reads = leaves.map((t) => {
+      const ins = convInputs(t);
+      return ins.length ? `'${ins[0]}'` : `'${t}'`;
+    });
+    return {
+      name,
+      reason: `branches read different tensors (${[...new Set(reads)].join(', ')}), so they are not parallel branches of one input.`,
+      parts: parts.map((n) => n.name || n.outputs[0]),
+    };
+  }
+
+  function buildBlock(
+    adds: OnnxNode[],
+    classified: { leaf: Leaf; nodes: OnnxNode[]; head: OnnxNode | undefined }[],
+    x: string,
+    treeOut: string,
+    zeros: ConstRef[],
+  ): OnnxBlock {
+    // Every intermediate tensor must feed only the next node of its branch.
+    for (const c of classified) {
+      if (!c.head) continue;
+      const out = c.head.outputs[0];
+      const reader = adds.find((a) => a.inputs.includes(out))!;
+      if (!index.usedOnlyBy(out, reader)) throw new Reject(`output of ${label(c.head)} is also used by ${index.otherUses(out, reader)}.`);
+    }
+    const convs = classified.map((c) => c.leaf).filter(isConvLeaf);
+    if (convs.length === 0) throw new Reject('no convolution branch.');
+    const first = convs[0];
+    const g0 = geometry(first.conv, first.weight);
+    for (const l of convs.slice(1)) {
+      const g = geometry(l.conv, l.weight);
+      if (fmtK(g.stride) !== fmtK(g0.stride)) throw new Reject(`branches have different strides (${fmtK(g0.stride)} in ${label(first.conv)}, ${fmtK(g.stride)} in ${label(l.conv)}).`);
+      if (g.groups !== g0.groups) throw new Reject(`branches have different groups (${g0.groups} in ${label(first.conv)}, ${g.groups} in ${label(l.conv)}).`);
+      if (g.kernel.length !== g0.kernel.length) throw new Reject(`branches mix ${g0.kernel.length}-D and ${g.kernel.length}-D convolutions.`);
+      if (g.outChannels !== g0.outChannels || g.inPerGroup !== g0.inPerGroup) {
+        throw new Reject(`branches have different channel counts (${label(first.conv)} ${g0.inPerGroup * g0.groups}→${g0.outChannels}, ${label(l.conv)} ${g.inPerGroup * g.groups}→${g.outChannels}).`);
+      }
+      if (l.weight.tensor.dtype !== first.weight.tensor.dtype) {
+        throw new Reject(`branches have different weight types (${dtypeName(first.weight.tensor.dtype)} and ${dtypeName(l.weight.tensor.dtype)}).`);
+      }
+    }
+    const kernel = g0.kernel.map((_, i) => Math.max(...convs.map((l) => l.kernel[i])));
+    const cout = g0.outChannels;
+    const cin = g0.inPerGroup * g0.groups;
+    const hasIdentity = classified.some((c) => c.leaf.kind === 'identity' || c.leaf.kind === 'bn_identity');
+    if (hasIdentity) {
+      if (g0.stride.some((s) => s !== 1)) throw new Reject(`an identity branch cannot join convolutions with stride ${fmtK(g0.stride)}.`);
+      if (cin !== cout) throw new Reject(`an identity branch needs as many input as output channels (in ${cin}, out ${cout}).`);
+    }
+    for (const c of classified) {
+      const bn = (c.leaf as ConvLeaf).bn;
+      if (bn) checkBNChannels(bn, cout);
+      const mul = (c.leaf as ConvLeaf).mul;
+      if (mul) checkFactor(mul.node, mul.factor, cout, g0.kernel.length);
+    }
+    // Optional BatchNormalization on the sum.
+    let output = treeOut;
+    let postBN: BNRef | undefined;
+    const after = index.consumersOf(treeOut);
+    if (after.length === 1 && isOp(after[0], 'BatchNormalization') && after[0].inputs[0] === treeOut && index.usedOnlyBy(treeOut, after[0])) {
+      postBN = bnRef(after[0]);
+      checkBNChannels(postBN, cout);
+      output = after[0].outputs[0];
+    }
+    const nodes = [...adds, ...classified.flatMap((c) => c.nodes)];
+    if (postBN) nodes.push(postBN.node);
+    for (const n of nodes) {
+      if (claimed.has(n)) throw new Reject(`${label(n)} already belongs to another block.`);
+    }
+    const branches: BranchInfo[] = classified.map((c) => branchInfo(c.leaf, c.nodes, cout));
+    const name = nameFor(nodes, output);
+    const paramsBefore = branches.reduce((a, b) => a + b.params, 0) + (postBN ? 4 * cout : 0);
+    const info: BlockInfo = {
+      name,
+      family: guessFamily(nodes, classified.map((c) => c.leaf), !!postBN, g0.groups, cin, cout),
+      kernel,
+      stride: g0.stride,
+      groups: g0.groups,
+      inChannels: cin,
+      outChannels: cout,
+      branches,
+      postBN: postBN ? { epsilon: postBN.eps, epsilonSource: 'model' } : undefined,
+      activation: activationAfter(output),
+      output,
+      paramsBefore,
+      paramsAfter: cout * g0.inPerGroup * numelOf(kernel) + cout,
+    };
+    return {
+      info,
+      x,
+      output,
+      leaves: classified.map((c) => c.leaf),
+      postBN,
+      nodes,
+      dtype: first.weight.tensor.dtype,
+      kernel,
+      stride: g0.stride,
+      groups: g0.groups,
+      inPerGroup: g0.inPerGroup,
+      outChannels: cout,
+      template: first.conv,
+      zeros,
+    };
+  }
+
+  function zeroConstant(t: string): ConstRef | undefined {
+    const c = index.constant(t);
+    if (!c || !isFloatType(c.tensor.dtype) || numelOf(c.tensor.dims) > 4096) return undefined;
+    const v = readTensorValues(model, c.tensor);
+    for (let i = 0; i < v.length; i++) if (v[i] !== 0) return undefined;
+    return c;
+  }
+
+  function checkBNChannels(bn: BNRef, c: number): void {
+    for (const r of [bn.scale, bn.bias, bn.mean, bn.variance]) {
+      if (numelOf(r.tensor.dims) !== c) throw new Reject(`${label(bn.node)} has ${numelOf(r.tensor.dims)} channels, the branch has ${c}.`);
+    }
+  }
+
+  function checkFactor(mul: OnnxNode, f: ConstRef, cout: number, spatialRank: number): void {
+    const d = f.tensor.dims;
+    const n = numelOf(d);
+    if (!isFloatType(f.tensor.dtype)) throw new Reject(`factor of ${label(mul)} is ${dtypeName(f.tensor.dtype)}, not a float.`);
+    if (n === 1) return;
+    // Per-channel: broadcast against [N, C, ...spatial] must touch only the channel axis.
+    const outRank = 2 + spatialRank;
+    const ok = n === cout && d.length <= outRank && d.length >= outRank - 1 && d.every((v, i) => (outRank - d.length + i === 1 ? v === cout : v === 1));
+    if (!ok) throw new Reject(`factor of ${label(mul)} has shape ${fmtK(d)}; only a scalar or a per-channel factor can be folded.`);
+  }
+
+  function activationAfter(out: string): string | undefined {
+    const c = index.consumersOf(out);
+    if (c.length === 1) return c[0].opType;
+    if (c.length === 2) {
+      const sig = c.find((n) => isOp(n, 'Sigmoid'));
+      const mul = c.find((n) => isOp(n, 'Mul'));
+      if (sig && mul && mul.inputs.includes(sig.outputs[0])) return 'SiLU';
+    }
+    return undefined;
+  }
+
+  // Roots: Add/Sum nodes that are not an inner node of a larger tree.
+  const roots = nodes.filter((n) => isAddLike(n) && !isInner(n));
+  const visit = (root: OnnxNode): boolean => {
+    const res = analyze(root);
+    if (res && typeof res === 'object' && 'info' in res) {
+      for (const n of res.nodes) claimed.add(n);
+      det.blocks.push(res);
+      return true;
+    }
+    // A tree that mixes inputs may still contain a fusable subtree (e.g. rep(x) + shortcut(z)).
+    let any = false;
+    for (const i of root.inputs) {
+      const p = index.producer.get(i);
+      if (isAddLike(p) && index.usedOnlyBy(i, root)) any = visit(p) || any;
+    }
+    if (!any && res === 'residual') det.residuals++;
+    else if (!any && res && res !== 'residual') det.rejected.push(res);
+    return any;
+  };
+  for (const r of roots) visit(r);
+  det.blocks.sort((a, b) => Math.max(...a.nodes.map((n) => n.index)) - Math.max(...b.nodes.map((n) => n.index)));
+
+  // ----- standalone Conv → BN -------------------------------------------------------------------
+  if (opts.foldBN) {
+    for (const n of nodes) {
+      if (!isOp(n, 'BatchNormalization') || claimed.has(n)) continue;
+      const conv = index.producer.get(n.inputs[0]);
+      if (!isOp(conv, 'Conv') || claimed.has(conv)) continue;
+      const name = commonScopeName([conv.name, n.name]) ?? n.outputs[0];
+      try {
+        if (!index.usedOnlyBy(conv.outputs[0], n)) throw new Reject(`output of ${label(conv)} is also used by ${index.otherUses(conv.outputs[0], n)}.`);
+        const leaf = convLeaf(conv);
+        const bn = bnRef(n);
+        checkBNChannels(bn, leaf.weight.tensor.dims[0]);
+        det.folds.push({
+          info: { name, conv: conv.name || conv.outputs[0], bn: n.name || n.outputs[0], epsilon: bn.eps },
+          conv,
+          bn,
+          weight: leaf.weight,
+          bias: leaf.bias,
+          kernel: leaf.kernel,
+          stride: leaf.stride,
+          groups: leaf.groups,
+          output: n.outputs[0],
+          dtype: leaf.weight.tensor.dtype,
+        });
+        claimed.add(conv);
+        claimed.add(n);
+      } catch (err) {
+        if (!(err instanceof Reject)) throw err;
+        // Geometry limits (pads, dilation) do not matter for a single conv; only these do.
+        det.notFolded.push({ name, reason: err.message, parts: [conv.name, n.name] });
+      }
+    }
+  }
+  return det;
+}
+
+function paramsOf(r: ConstRef | undefined): number {
+  return r ? numelOf(r.tensor.dims) : 0;
+}
+
+function branchInfo(leaf: Leaf, nodes: OnnxNode[], cout: number): BranchInfo {
+  const parts = nodes.map((n) => n.name || n.outputs[0]);
+  if (leaf.kind === 'identity') return { kind: 'identity', hasBias: false, hasBN: false, params: 0, parts };
+  if (leaf.kind === 'bn_identity') {
+    return { kind: 'bn_identity', hasBias: false, hasBN: true, epsilon: leaf.bn!.eps, epsilonSource: 'model', params: 4 * cout, parts };
+  }
+  if (!isConvLeaf(leaf)) throw new Error('unreachable');
+  return {
+    kind: leaf.kind,
+    kernel: leaf.kernel,
+    hasBias: !!leaf.bias,
+    hasBN: !!leaf.bn,
+    epsilon: leaf.bn?.eps,
+    epsilonSource: leaf.bn ? 'model' : undefined,
+    scaled: !!leaf.mul,
+    params: paramsOf(leaf.weight) + paramsOf(leaf.bias) + (leaf.bn ? 4 * cout : 0) + paramsOf(leaf.mul?.factor),
+    dtype: dtypeName(leaf.weight.tensor.dtype),
+    parts,
+  };
+}
+
+/** A best guess from the module names the exporter kept, then from the structure. */
+export function guessFamily(nodes: OnnxNode[], leaves: Leaf[], postBN: boolean, groups: number, cin: number, cout: number): string {
+  const names = nodes.map((n) => n.name).join(' ');
+  const convs = leaves.filter(isConvLeaf);
+  const scaled = convs.some((l) => l.mul);
+  const asym = convs.some((l) => new Set(l.kernel).size > 1);
+  const depthwise = groups > 1 && groups === cin && cin === cout;
+  if (/\brbr_conv\b|\brbr_scale\b|\brbr_skip\b/.test(names)) return 'MobileOne';
+  if (/\brbr_dense\b/.test(names)) {
+    if (/rbr_dense\.0\b|rbr_dense\/0\b/.test(names)) return 'YOLOv7 RepConv';
+    if (postBN) return 'QARepVGG';
+    return 'RepVGG';
+  }
+  if (/\/square\b|\/hor\b|\/ver\b/.test(names) || (asym && /square|hor|ver/.test(names))) return 'ACNet';
+  if (/\/conv1\b/.test(names) && /\/conv2\b/.test(names)) return scaled ? 'PP-YOLOE RepVgg' : 'Ultralytics RepConv';
+  if (/\/conv\b/.test(names) && /\/conv1\b/.test(names) && depthwise) return postBN ? 'RepViT RepVGGDW' : 'Ultralytics RepVGGDW';
+  if (scaled) return 'PP-YOLOE-style';
+  if (asym) return 'ACNet-style';
+  if (postBN) return 'QARepVGG-style';
+  if (depthwise) return 'depthwise rep block';
+  return 'RepVGG-style';
+}

@@ -1,0 +1,275 @@
+// Turns a Detection into a writer Plan: one fused Conv per block (and per folded Conv → BN), new
+// initializers computed lazily at write time, and everything the fusion made dead removed.
+import { onnx } from 'onnx-proto';
+import { encodeFloats, type NumArray } from '../dtype';
+import { FusionError } from '../errors';
+import { type BNParams, type ConvTerm, type FusedConv, fuseBlock, type FuseSpec, type IdentityTerm } from '../fusion';
+import type { ConstRef } from './graph';
+import { type BNRef, type Detection, isConvLeaf, type OnnxBlock, type OnnxFold } from './detect';
+import { numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
+import { emptyPlan, type NewTensor, type Plan } from './writer';
+
+export interface RewriteSummary {
+  nodesBefore: number;
+  nodesAfter: number;
+  paramsBefore: number;
+  paramsAfter: number;
+  opCountsBefore: Record<string, number>;
+  opCountsAfter: Record<string, number>;
+}
+
+export function countOps(nodes: OnnxNode[]): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const n of nodes) {
+    const k = n.domain && n.domain !== 'ai.onnx' ? `${n.domain}.${n.opType}` : n.opType;
+    out[k] = (out[k] ?? 0) + 1;
+  }
+  return out;
+}
+
+function values(model: OnnxModel, r: ConstRef): NumArray {
+  return readTensorValues(model, r.tensor);
+}
+
+function bnParams(model: OnnxModel, bn: BNRef): BNParams {
+  return {
+    gamma: values(model, bn.scale),
+    beta: values(model, bn.bias),
+    mean: values(model, bn.mean),
+    variance: values(model, bn.variance),
+    eps: bn.eps,
+  };
+}
+
+/** Reads the block's constants and computes the fused kernel and bias (float64). */
+export function fuseOnnxBlock(model: OnnxModel, block: OnnxBlock): FusedConv {
+  const terms: (ConvTerm | IdentityTerm)[] = block.leaves.map((leaf) => {
+    if (!isConvLeaf(leaf)) return { kind: 'identity', bn: leaf.bn ? bnParams(model, leaf.bn) : undefined };
+    return {
+      kind: 'conv',
+      weight: values(model, leaf.weight),
+      kernel: leaf.kernel,
+      bias: leaf.bias ? values(model, leaf.bias) : undefined,
+      bn: leaf.bn ? bnParams(model, leaf.bn) : undefined,
+      scale: leaf.mul ? values(model, leaf.mul.factor) : undefined,
+    };
+  });
+  const spec: FuseSpec = {
+    name: `block '${block.info.name}'`,
+    outChannels: block.outChannels,
+    inPerGroup: block.inPerGroup,
+    groups: block.groups,
+    kernel: block.kernel,
+    terms,
+    postBN: block.postBN ? bnParams(model, block.postBN) : undefined,
+  };
+  return fuseBlock(spec);
+}
+
+function fuseOnnxFold(model: OnnxModel, fold: OnnxFold): FusedConv {
+  const w = fold.weight.tensor.dims;
+  return fuseBlock({
+    name: `Conv '${fold.info.conv}'`,
+    outChannels: w[0],
+    inPerGroup: w[1],
+    groups: fold.groups,
+    kernel: fold.kernel,
+    terms: [{ kind: 'conv', weight: values(model, fold.weight), kernel: fold.kernel, bias: fold.bias ? values(model, fold.bias) : undefined, bn: bnParams(model, fold.bn) }],
+  });
+}
+
+/** Makes the weight/bias pair of one fused conv; the fusion runs once, when the weight is written. */
+function lazyPair(names: [string, string], dtype: number, shape: number[], compute: () => FusedConv): [NewTensor, NewTensor] {
+  let biasBytes: Uint8Array | undefined;
+  let done = false;
+  const run = (): Uint8Array => {
+    const fused = compute();
+    for (let i = 0; i < fused.weight.length; i++) {
+      if (!Number.isFinite(fused.weight[i])) throw new FusionError(`${names[0]}: the fused weight is not finite (NaN or Inf in the inputs?).`);
+    }
+    biasBytes = encodeFloats(fused.bias, dtype);
+    done = true;
+    return encodeFloats(fused.weight, dtype);
+  };
+  const weight: NewTensor = { name: names[0], dtype, dims: shape, produce: run };
+  const bias: NewTensor = {
+    name: names[1],
+    dtype,
+    dims: [shape[0]],
+    produce: () => {
+      if (!done) run();
+      const b = biasBytes!;
+      biasBytes = undefined;
+      return b;
+    },
+  };
+  return [weight, bias];
+}
+
+const INTS = onnx.AttributeProto.AttributeType.INTS;
+const INT = onnx.AttributeProto.AttributeType.INT;
+
+export interface RewriteResult {
+  plan: Plan;
+  summary: RewriteSummary;
+}
+
+/** Builds the plan that replaces every detected block and fold with one Conv. */
+export function planRewrite(model: OnnxModel, det: Detection): RewriteResult {
+  const plan = emptyPlan();
+  const graph = model.graph;
+  const index = det.index;
+  const taken = new Set<string>([...graph.initializers.keys(), ...graph.inputs.map((i) => i.name)]);
+  for (const n of graph.nodes) for (const o of n.outputs) taken.add(o);
+  const unique = (base: string): string => {
+    let name = base;
+    for (let i = 1; taken.has(name); i++) name = `${base}_${i}`;
+    taken.add(name);
+    return name;
+  };
+
+  const constRefs: ConstRef[] = [];
+  const newNodes: OnnxNode[] = [];
+  const produced = new Set<string>();
+  let paramsAdded = 0;
+
+  const place = (removed: OnnxNode[], node: onnx.INodeProto, tensors: NewTensor[], refs: ConstRef[]) => {
+    for (const n of removed) plan.removeNodes.add(n.index);
+    const last = Math.max(...removed.map((n) => n.index));
+    const enc = onnx.NodeProto.encode(node).finish();
+    const list = plan.insertNodes.get(last) ?? [];
+    list.push(enc);
+    plan.insertNodes.set(last, list);
+    // New initializers go where the first initializer they replace stood, else at the end.
+    const anchor = refs.map((r) => r.initializer).find((n): n is string => !!n);
+    if (anchor) {
+      const l = plan.insertInitializers.get(anchor) ?? [];
+      l.push(...tensors);
+      plan.insertInitializers.set(anchor, l);
+    } else plan.appendInitializers.push(...tensors);
+    constRefs.push(...refs);
+    for (const t of tensors) paramsAdded += numelOf(t.dims);
+    newNodes.push({ index: -1, name: node.name ?? '', opType: 'Conv', domain: '', inputs: node.input ?? [], outputs: node.output ?? [], attrs: new Map(), outerRefs: [] });
+    for (const o of node.output ?? []) produced.add(o);
+  };
+
+  const bnRefs = (bn: BNRef | undefined): ConstRef[] => (bn ? [bn.scale, bn.bias, bn.mean, bn.variance] : []);
+
+  for (const b of det.blocks) {
+    const base = b.info.name;
+    const shape = [b.outChannels, b.inPerGroup, ...b.kernel];
+    const names: [string, string] = [unique(`${base}.fused.weight`), unique(`${base}.fused.bias`)];
+    const tensors = lazyPair(names, b.dtype, shape, () => fuseOnnxBlock(model, b));
+    const refs: ConstRef[] = [];
+    for (const l of b.leaves) {
+      if (isConvLeaf(l)) {
+        refs.push(l.weight);
+        if (l.bias) refs.push(l.bias);
+        if (l.mul) refs.push(l.mul.factor);
+      }
+      refs.push(...bnRefs(l.bn));
+    }
+    refs.push(...bnRefs(b.postBN), ...b.zeros);
+    const r = b.kernel.length;
+    place(
+      b.nodes,
+      {
+        name: unique(`${base}/fused/Conv`),
+        opType: 'Conv',
+        input: [b.x, names[0], names[1]],
+        output: [b.output],
+        attribute: [
+          { name: 'dilations', type: INTS, ints: new Array(r).fill(1) },
+          { name: 'group', type: INT, i: b.groups },
+          { name: 'kernel_shape', type: INTS, ints: b.kernel },
+          { name: 'pads', type: INTS, ints: [...b.kernel, ...b.kernel].map((k) => (k - 1) / 2) },
+          { name: 'strides', type: INTS, ints: b.stride },
+        ],
+        docString: `RepFuse: ${b.leaves.length} branches of ${b.info.family} block '${base}' fused into one convolution.`,
+      },
+      tensors,
+      refs,
+    );
+  }
+
+  for (const f of det.folds) {
+    const w = f.weight.tensor.dims;
+    const names: [string, string] = [unique(`${f.info.name}.folded.weight`), unique(`${f.info.name}.folded.bias`)];
+    const tensors = lazyPair(names, f.dtype, w, () => fuseOnnxFold(model, f));
+    const attrs = [...f.conv.attrs.values()];
+    place(
+      [f.conv, f.bn.node],
+      { name: f.conv.name, opType: 'Conv', input: [f.conv.inputs[0], names[0], names[1]], output: [f.output], attribute: attrs, docString: `RepFuse: BatchNormalization '${f.info.bn}' folded into this convolution.` },
+      tensors,
+      [f.weight, ...(f.bias ? [f.bias] : []), ...bnRefs(f.bn)],
+    );
+  }
+
+  // Remove what nothing reads any more: Identity/Constant carriers, then initializers.
+  const removed = (n: OnnxNode) => plan.removeNodes.has(n.index);
+  const stillRead = (name: string): boolean =>
+    index.graphOutputs.has(name) ||
+    index.outerRefs.has(name) ||
+    index.consumersOf(name).some((c) => !removed(c)) ||
+    newNodes.some((n) => n.inputs.includes(name));
+  let changed = true;
+  while (changed) {
+    changed = false;
+    for (const r of constRefs) {
+      for (const v of r.via) {
+        if (removed(v)) continue;
+        if (v.outputs.every((o) => !stillRead(o))) {
+          plan.removeNodes.add(v.index);
+          changed = true;
+        }
+      }
+    }
+  }
+  for (const r of constRefs) {
+    if (r.initializer && !plan.removeInitializers.has(r.initializer) && !stillRead(r.initializer)) {
+      plan.removeInitializers.add(r.initializer);
+    }
+  }
+  // Tensors that no longer exist (their value_info and graph-input entries go too).
+  for (const i of plan.removeNodes) for (const o of graph.nodes[i].outputs) if (o && !produced.has(o)) plan.removedTensors.add(o);
+  for (const n of plan.removeInitializers) plan.removedTensors.add(n);
+  // Initializers whose anchor is removed still emit there (the writer handles anchors before removal).
+
+  const keptNodes = graph.nodes.filter((n) => !removed(n));
+  let paramsBefore = 0;
+  for (const t of graph.initializers.values()) paramsBefore += numelOf(t.dims);
+  let paramsRemoved = 0;
+  for (const n of plan.removeInitializers) paramsRemoved += numelOf(graph.initializers.get(n)!.dims);
+  const opCountsAfter = countOps([...keptNodes, ...newNodes]);
+  return {
+    plan,
+    summary: {
+      nodesBefore: graph.nodes.length,
+      nodesAfter: keptNodes.length + newNodes.length,
+      paramsBefore,
+      paramsAfter: paramsBefore - paramsRemoved + paramsAdded,
+      opCountsBefore: countOps(graph.nodes),
+      opCountsAfter,
+    },
+  };
+}
+
+/** Checks used by tests and the CLI: the rewrite leaves no dangling tensor reference. */
+export function danglingInputs(model: OnnxModel, plan: Plan, extraProduced: string[] = []): string[] {
+  const g = model.graph;
+  const avail = new Set<string>([...g.inputs.map((i) => i.name), ...extraProduced]);
+  for (const n of g.initializers.keys()) if (!plan.removeInitializers.has(n)) avail.add(n);
+  for (const list of [...plan.insertInitializers.values(), plan.appendInitializers]) for (const t of list) avail.add(t.name);
+  const missing: string[] = [];
+  for (const n of g.nodes) {
+    for (const t of plan.insertNodes.get(n.index) ?? []) {
+      const p = onnx.NodeProto.decode(t);
+      for (const i of p.input ?? []) if (i && !avail.has(i)) missing.push(i);
+      for (const o of p.output ?? []) avail.add(o);
+    }
+    if (plan.removeNodes.has(n.index)) continue;
+    for (const i of n.inputs) if (i && !avail.has(i)) missing.push(i);
+    for (const o of n.outputs) if (o) avail.add(o);
+  }
+  return missing;
+}

@@ -1,0 +1,78 @@
+// Host side of validation: runs the worker in a child process with a timeout, so a native crash,
+// a hang or an out-of-memory in onnxruntime ends with a clear error, not a dead host.
+import { fork } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { RepFuseError } from '../core/errors';
+import type { ValidateRequest, ValidationReport, WorkerMessage } from './protocol';
+
+export type { ValidationReport, TensorDiff, BlockDiff } from './protocol';
+
+export class ValidationError extends RepFuseError {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ValidationError';
+  }
+}
+
+/** The worker script: next to this file when bundled (dist/), or compiled beside it (out/). */
+export function workerScript(): string {
+  const candidates = [path.join(__dirname, 'validate-worker.js'), path.join(__dirname, 'worker.js')];
+  const found = candidates.find((c) => fs.existsSync(c));
+  if (!found) throw new ValidationError(`the validation worker is missing (looked for ${candidates.join(', ')}); rebuild with npm run build.`);
+  return found;
+}
+
+export interface ValidateOptions {
+  timeoutMs: number;
+  signal?: AbortSignal;
+  onProgress?: (message: string) => void;
+  /** Extra V8 flags for the child (tests use them to provoke failures). */
+  execArgv?: string[];
+  script?: string;
+}
+
+export function validateInChild(req: Omit<ValidateRequest, 'type'>, opts: ValidateOptions): Promise<ValidationReport> {
+  const script = opts.script ?? workerScript();
+  return new Promise((resolve, reject) => {
+    const child = fork(script, [], {
+      stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+      execArgv: opts.execArgv ?? [],
+      serialization: 'advanced',
+    });
+    let stderr = '';
+    child.stderr?.on('data', (d: Buffer) => {
+      stderr = (stderr + d.toString()).slice(-4000);
+    });
+    let settled = false;
+    const finish = (err: Error | undefined, report?: ValidationReport) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      opts.signal?.removeEventListener('abort', onAbort);
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      if (err) reject(err);
+      else resolve(report!);
+    };
+    const timer = setTimeout(() => {
+      finish(new ValidationError(`validation did not finish within ${Math.round(opts.timeoutMs / 1000)} s; the onnxruntime process was stopped (raise the timeout, or use --no-validate).`));
+    }, opts.timeoutMs);
+    const onAbort = () => finish(new ValidationError('validation cancelled.'));
+    if (opts.signal?.aborted) return onAbort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
+    child.on('message', (m: WorkerMessage) => {
+      if (m.type === 'progress') opts.onProgress?.(m.message);
+      else if (m.type === 'result') finish(undefined, m.report);
+      else if (m.type === 'error') finish(new ValidationError(`validation failed: ${m.message}`));
+    });
+    child.on('error', (err) => finish(new ValidationError(`cannot start the validation process: ${err.message}`)));
+    child.on('exit', (code, signal) => {
+      if (settled) return;
+      const tail = stderr.trim().split('\n').filter(Boolean).pop();
+      const oom = /heap out of memory|std::bad_alloc|Allocation failed/i.test(stderr) || signal === 'SIGKILL';
+      const why = signal ? `was killed by ${signal}` : `exited with code ${code}`;
+      finish(new ValidationError(`the onnxruntime validation process ${why}${oom ? ' (out of memory?)' : ''}${tail ? `: ${tail}` : ''}; the fused model was written but not validated.`));
+    });
+    child.send({ type: 'validate', ...req });
+  });
+}
