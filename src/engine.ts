@@ -62,6 +62,7 @@ export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport
   const timings: Record<string, number> = {};
   const out = path.resolve(opts.output ?? defaultOutput(input));
   if (out === path.resolve(input)) throw new RepFuseError('the output would overwrite the input; choose another -o.', input);
+  if (!fs.existsSync(path.dirname(out))) throw new RepFuseError(`the output folder ${path.dirname(out)} does not exist.`, input);
   if (fs.existsSync(out) && !opts.force) throw new RepFuseError(`${out} already exists; use --force to replace it.`, input);
 
   const model = openOnnx(input);

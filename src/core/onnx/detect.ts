@@ -179,6 +179,25 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     return undefined;
   }
 
+  /** True when tensor `a` is computed before, and used to compute, tensor `b` (bounded search). */
+  function feeds(a: string, b: string): boolean {
+    const seen = new Set<string>();
+    const stack = [b];
+    while (stack.length && seen.size < 256) {
+      const t = stack.pop()!;
+      const p = index.producer.get(t);
+      if (!p) continue;
+      for (const i of p.inputs) {
+        if (i === a) return true;
+        if (i && !seen.has(i)) {
+          seen.add(i);
+          stack.push(i);
+        }
+      }
+    }
+    return false;
+  }
+
   /** Inputs a leaf would read if it were a conv branch (candidates for the block input x). */
   function convInputs(t: string, depth = 0): string[] {
     const p = index.producer.get(t);
@@ -276,7 +295,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
       const p = index.producer.get(t);
       return isOp(p, 'Conv') || isOp(p, 'BatchNormalization') || (isOp(p, 'Mul') && p.inputs.some((i) => index.constant(i)));
     });
-    if (convLike.length < 2) return 'residual';
+    if (convLike.length < 2 || leaves.some((a) => leaves.some((b) => a !== b && feeds(a, b)))) return 'residual';
     const reads = leaves.map((t) => {
       const ins = convInputs(t);
       return ins.length ? `'${ins[0]}'` : `'${t}'`;
