@@ -89,8 +89,15 @@ export function fuseBlock(spec: FuseSpec): FusedConv {
   const bias = new Float64Array(cout);
   // Row-major strides of the fused spatial kernel.
   const kStrides = kernel.map((_, i) => kernel.slice(i + 1).reduce((a, b) => a * b, 1));
+  // Only a term applied while the weight is still all zeros may be copied instead of added.
+  let touched = false;
 
-  for (const term of spec.terms) {
+  // Full-size, unscaled conv terms first, so the common case can take the copy fast path.
+  const plain = (t: ConvTerm | IdentityTerm) => t.kind === 'conv' && !t.bn && t.scale === undefined && t.kernel.every((k, i) => k === kernel[i]);
+  const terms = [...spec.terms.filter(plain), ...spec.terms.filter((t) => !plain(t))];
+  for (const term of terms) {
+    const wasTouched = touched;
+    touched = true;
     if (term.kind === 'identity') {
       if (cout % groups !== 0 || cpg * groups !== cout) {
         throw new FusionError(`${spec.name}: an identity branch needs as many input as output channels (in ${cpg * groups}, out ${cout}).`);
@@ -126,11 +133,19 @@ export function fuseBlock(spec: FuseSpec): FusedConv {
       }
     }
     const w = term.weight;
+    const alphaOf = (o: number) => (sc === undefined ? 1 : typeof sc === 'number' ? sc : sc.length === 1 ? sc[0] : sc[o]);
+    let fastCopy = false;
+    if (!bn && sc === undefined && ks === spatial && !wasTouched && (w instanceof Float32Array || w instanceof Float64Array)) {
+      // First full-size unscaled term (the usual PyTorch export: BN already folded into the conv):
+      // a native widening copy instead of an element loop. Later terms add to it.
+      weight.set(w);
+      fastCopy = true;
+    }
     for (let o = 0; o < cout; o++) {
-      const f = (bn ? bn.scale[o] : 1) * (sc === undefined ? 1 : typeof sc === 'number' ? sc : sc.length === 1 ? sc[0] : sc[o]);
+      const f = (bn ? bn.scale[o] : 1) * alphaOf(o);
       const srcBase = o * cpg * ks;
       const dstBase = o * cpg * spatial;
-      for (let c = 0; c < cpg; c++) {
+      for (let c = 0; c < cpg && !fastCopy; c++) {
         const s0 = srcBase + c * ks;
         const d0 = dstBase + c * spatial;
         if (ks === spatial) {
@@ -142,8 +157,7 @@ export function fuseBlock(spec: FuseSpec): FusedConv {
       // Bias of this branch after BN and scale: ((b − μ)·s + β)·α, computed as (b·s + shift)·α.
       let b = term.bias ? term.bias[o] : 0;
       if (bn) b = b * bn.scale[o] + bn.shift[o];
-      const alpha = sc === undefined ? 1 : typeof sc === 'number' ? sc : sc.length === 1 ? sc[0] : sc[o];
-      bias[o] += b * alpha;
+      bias[o] += b * alphaOf(o);
     }
   }
 
