@@ -118,7 +118,7 @@ export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport
     opts.onProgress?.('validating with onnxruntime');
     const t2 = performance.now();
     report.validation = await validateInChild(
-      { original: input, fused: report.output!, blocks, inputs, seed: opts.seed, atol: opts.atol, rtol: opts.rtol, threads: 0 },
+      { type: 'validate', original: input, fused: report.output!, blocks, inputs, seed: opts.seed, atol: opts.atol, rtol: opts.rtol, threads: 0 },
       { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress },
     );
     timings.validate = performance.now() - t2;

@@ -54,6 +54,10 @@ export interface BlockInfo {
   /** Parameters before and after fusion. */
   paramsBefore: number;
   paramsAfter: number;
+  /** What was inferred rather than read (checkpoints without modules: stride, padding, epsilon). */
+  assumptions?: string[];
+  /** Checkpoints: the module name the fused conv gets in the deploy model (e.g. `rbr_reparam`). */
+  deployName?: string;
 }
 
 /** Something that looks like a block but cannot be fused exactly, with the reason. */
@@ -99,4 +103,29 @@ export interface InspectReport {
   opCountsAfter?: Record<string, number>;
   nodeCountAfter?: number;
   paramCountAfter: number;
+}
+
+/** Numbers of one branch, for statistics views (host computes, webview displays). */
+export interface BranchData {
+  /** e.g. "3×3 conv+bn", "bn(x)", "x". */
+  label: string;
+  kind: BranchKind;
+  /** Raw weight [Cout, Cin/g, ...k] as stored (identity branches have none). */
+  weight?: { shape: number[]; values: ArrayLike<number> };
+  bias?: ArrayLike<number>;
+  bn?: { gamma: ArrayLike<number>; beta: ArrayLike<number>; mean: ArrayLike<number>; variance: ArrayLike<number>; eps: number };
+  /** Constant factor (PP-YOLOE α), scalar or per output channel. */
+  scale?: ArrayLike<number>;
+  /**
+   * The branch's exact contribution to the fused conv: BN folded, factor applied, zero-padded to
+   * the fused kernel size, identity expanded to its kernel. Sum over branches (then post-BN) = fused.
+   */
+  contribution: { shape: number[]; weight: Float64Array; bias: Float64Array };
+}
+
+export interface BlockData {
+  block: BlockInfo;
+  branches: BranchData[];
+  postBN?: { gamma: ArrayLike<number>; beta: ArrayLike<number>; mean: ArrayLike<number>; variance: ArrayLike<number>; eps: number };
+  fused: { shape: number[]; weight: Float64Array; bias: Float64Array };
 }

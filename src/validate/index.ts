@@ -4,7 +4,7 @@ import { fork } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { RepFuseError } from '../core/errors';
-import type { ValidateRequest, ValidationReport, WorkerMessage } from './protocol';
+import type { ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage } from './protocol';
 
 export type { ValidationReport, TensorDiff, BlockDiff } from './protocol';
 
@@ -32,7 +32,7 @@ export interface ValidateOptions {
   script?: string;
 }
 
-export function validateInChild(req: Omit<ValidateRequest, 'type'>, opts: ValidateOptions): Promise<ValidationReport> {
+export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opts: ValidateOptions): Promise<ValidationReport> {
   const script = opts.script ?? workerScript();
   return new Promise((resolve, reject) => {
     const child = fork(script, [], {
@@ -73,6 +73,6 @@ export function validateInChild(req: Omit<ValidateRequest, 'type'>, opts: Valida
       const why = signal ? `was killed by ${signal}` : `exited with code ${code}`;
       finish(new ValidationError(`the onnxruntime validation process ${why}${oom ? ' (out of memory?)' : ''}${tail ? `: ${tail}` : ''}; the fused model was written but not validated.`));
     });
-    child.send({ type: 'validate', ...req });
+    child.send(req);
   });
 }

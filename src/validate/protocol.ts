@@ -18,6 +18,17 @@ export interface ValidateRequest {
   threads: number;
 }
 
+/** Block-by-block validation: each pair is a tiny model of one block, unfused and fused. */
+export interface ValidatePairsRequest {
+  type: 'validate-pairs';
+  pairs: { block: string; unfused: string; fused: string; inputShape: number[] }[];
+  seed: number;
+  atol: number;
+  rtol: number;
+}
+
+export type WorkerRequest = ValidateRequest | ValidatePairsRequest;
+
 export type WorkerMessage =
   | { type: 'progress'; message: string }
   | { type: 'result'; report: ValidationReport }

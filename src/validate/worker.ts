@@ -10,7 +10,7 @@ import type { InputSpec } from '../core/onnx/inputs';
 import { openOnnx } from '../core/onnx/reader';
 import { emptyPlan, encodeOnnx, writeOnnx } from '../core/onnx/writer';
 import { Rng } from '../core/random';
-import type { BlockDiff, TensorDiff, ValidateRequest, ValidationReport, WorkerMessage } from './protocol';
+import type { BlockDiff, TensorDiff, ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage, WorkerRequest } from './protocol';
 
 type Ort = typeof import('onnxruntime-node');
 type OrtTensor = import('onnxruntime-node').Tensor;
@@ -203,9 +203,47 @@ export async function runValidation(req: ValidateRequest): Promise<ValidationRep
   };
 }
 
+/** Validates blocks one by one from tiny unfused/fused model pairs (checkpoints have no graph). */
+export async function runPairs(req: ValidatePairsRequest): Promise<ValidationReport> {
+  const t0 = Date.now();
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const ort: Ort = require('onnxruntime-node');
+  const rng = new Rng(req.seed);
+  const blocks: BlockDiff[] = [];
+  const inputs: ValidationReport['inputs'] = [];
+  for (const p of req.pairs) {
+    const x = makeInput(ort, { name: 'x', dtype: DType.float32, shape: p.inputShape }, rng);
+    inputs.push({ name: `${p.block}:x`, shape: p.inputShape, dtype: 'float32', source: `random uniform [-1, 1), seed ${req.seed}` });
+    const run = async (file: string) => {
+      const session = await ort.InferenceSession.create(file, { graphOptimizationLevel: 'disabled', executionProviders: ['cpu'], logSeverityLevel: 3 });
+      try {
+        const out = await session.run({ x });
+        return toNumbers(out[session.outputNames[0]]);
+      } finally {
+        await session.release();
+      }
+    };
+    const a = await run(p.unfused);
+    const b = await run(p.fused);
+    blocks.push({ block: p.block, ...compare(p.block, a, b, req.atol, req.rtol) });
+    await send({ type: 'progress', message: `validated block ${p.block}` });
+  }
+  return {
+    passed: blocks.every((d) => d.passed),
+    atol: req.atol,
+    rtol: req.rtol,
+    seed: req.seed,
+    runtime: `onnxruntime-node ${ort.env.versions.node ?? ''} (CPU, graph optimizations disabled)`,
+    inputs,
+    outputs: [],
+    blocks,
+    durationMs: Date.now() - t0,
+  };
+}
+
 if (require.main === module) {
-  process.once('message', (req: ValidateRequest) => {
-    runValidation(req)
+  process.once('message', (req: WorkerRequest) => {
+    (req.type === 'validate-pairs' ? runPairs(req) : runValidation(req))
       .then((report) => send({ type: 'result', report }))
       .catch((err) => send({ type: 'error', message: oneLineError(err) }))
       .finally(() => process.exit(0));

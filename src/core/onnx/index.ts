@@ -1,10 +1,12 @@
 // The ONNX engine's entry points: inspect a model, and fuse it into a new file.
 import * as fs from 'node:fs';
 import { dtypeName, dtypeSize } from '../dtype';
-import type { InspectReport, ModelSummary } from '../model';
+import type { BlockData, InspectReport, ModelSummary } from '../model';
+import { blockDataFromSpec } from '../blockdata';
+import { RepFuseError } from '../errors';
 import { type Detection, detect } from './detect';
 import { numelOf, type OnnxModel, openOnnx, tensorByteLength } from './reader';
-import { planRewrite, type RewriteResult } from './rewrite';
+import { blockSpec, planRewrite, type RewriteResult } from './rewrite';
 import { writeOnnx, type WriteResult } from './writer';
 
 export { openOnnx } from './reader';
@@ -92,4 +94,11 @@ export function fileExists(p: string): boolean {
   } catch {
     return false;
   }
+}
+
+/** Branch numbers of one detected block (by name), for the statistics view. */
+export function onnxBlockData(a: Analysis, blockName: string): BlockData {
+  const b = a.detection.blocks.find((x) => x.info.name === blockName);
+  if (!b) throw new RepFuseError(`no block named '${blockName}'.`, a.model.path);
+  return blockDataFromSpec(b.info, blockSpec(a.model, b));
 }

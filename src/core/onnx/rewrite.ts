@@ -41,9 +41,9 @@ function bnParams(model: OnnxModel, bn: BNRef): BNParams {
   };
 }
 
-/** Reads the block's constants and computes the fused kernel and bias (float64). */
-export function fuseOnnxBlock(model: OnnxModel, block: OnnxBlock): FusedConv {
-  const terms: (ConvTerm | IdentityTerm)[] = block.leaves.map((leaf) => {
+/** The fusion terms of a block, read from the model (float16/bfloat16 widened exactly). */
+export function blockTerms(model: OnnxModel, block: OnnxBlock): (ConvTerm | IdentityTerm)[] {
+  return block.leaves.map((leaf) => {
     if (!isConvLeaf(leaf)) return { kind: 'identity', bn: leaf.bn ? bnParams(model, leaf.bn) : undefined };
     return {
       kind: 'conv',
@@ -54,7 +54,10 @@ export function fuseOnnxBlock(model: OnnxModel, block: OnnxBlock): FusedConv {
       scale: leaf.mul ? values(model, leaf.mul.factor) : undefined,
     };
   });
-  const spec: FuseSpec = {
+}
+
+export function blockSpec(model: OnnxModel, block: OnnxBlock, terms = blockTerms(model, block)): FuseSpec {
+  return {
     name: `block '${block.info.name}'`,
     outChannels: block.outChannels,
     inPerGroup: block.inPerGroup,
@@ -63,7 +66,11 @@ export function fuseOnnxBlock(model: OnnxModel, block: OnnxBlock): FusedConv {
     terms,
     postBN: block.postBN ? bnParams(model, block.postBN) : undefined,
   };
-  return fuseBlock(spec);
+}
+
+/** Reads the block's constants and computes the fused kernel and bias (float64). */
+export function fuseOnnxBlock(model: OnnxModel, block: OnnxBlock): FusedConv {
+  return fuseBlock(blockSpec(model, block));
 }
 
 function fuseOnnxFold(model: OnnxModel, fold: OnnxFold): FusedConv {

@@ -1,0 +1,30 @@
+// Per-branch numbers of one block (raw weights, BN parameters, exact contribution to the fused
+// kernel), format-independent: the statistics view is built from this.
+import { type ConvTerm, fuseBlock, type FuseSpec, type IdentityTerm } from './fusion';
+import type { BlockData, BlockInfo, BranchData } from './model';
+
+const kindLabel: Record<string, string> = { conv: 'conv', conv_bn: 'conv+bn', bn_identity: 'bn(x)', identity: 'x' };
+
+/** Builds BlockData from a fusion spec: each branch's contribution is that branch fused alone. */
+export function blockDataFromSpec(block: BlockInfo, spec: FuseSpec): BlockData {
+  const branches: BranchData[] = spec.terms.map((t: ConvTerm | IdentityTerm, i) => {
+    const info = block.branches[i];
+    const alone = fuseBlock({ ...spec, terms: [t], postBN: undefined });
+    const label = `${info.kernel ? info.kernel.join('×') + ' ' : ''}${kindLabel[info.kind]}${info.scaled ? '·α' : ''}`;
+    const d: BranchData = { label, kind: info.kind, contribution: { shape: alone.shape, weight: alone.weight, bias: alone.bias } };
+    if (t.kind === 'conv') {
+      d.weight = { shape: [spec.outChannels, spec.inPerGroup, ...t.kernel], values: t.weight };
+      if (t.bias) d.bias = t.bias;
+      if (t.scale !== undefined) d.scale = typeof t.scale === 'number' ? [t.scale] : t.scale;
+    }
+    if (t.bn) d.bn = { gamma: t.bn.gamma, beta: t.bn.beta, mean: t.bn.mean, variance: t.bn.variance, eps: t.bn.eps };
+    return d;
+  });
+  const fused = fuseBlock(spec);
+  return {
+    block,
+    branches,
+    postBN: spec.postBN ? { ...spec.postBN } : undefined,
+    fused: { shape: fused.shape, weight: fused.weight, bias: fused.bias },
+  };
+}
