@@ -1,6 +1,6 @@
 // Per-branch numbers of one block (raw weights, BN parameters, exact contribution to the fused
 // kernel), format-independent: the statistics view is built from this.
-import { type ConvTerm, fuseBlock, type FuseSpec, type IdentityTerm } from './fusion';
+import { type ConvTerm, fuseBlock, type FuseSpec, type IdentityTerm, wholeWeight } from './fusion';
 import type { BlockData, BlockInfo, BranchData } from './model';
 
 const kindLabel: Record<string, string> = { conv: 'conv', conv_bn: 'conv+bn', bn_identity: 'bn(x)', identity: 'x' };
@@ -13,7 +13,7 @@ export function blockDataFromSpec(block: BlockInfo, spec: FuseSpec): BlockData {
     const label = `${info.kernel ? info.kernel.join('×') + ' ' : ''}${kindLabel[info.kind]}${info.scaled ? '·α' : ''}`;
     const d: BranchData = { label, kind: info.kind, contribution: { shape: alone.shape, weight: alone.weight, bias: alone.bias } };
     if (t.kind === 'conv') {
-      d.weight = { shape: [spec.outChannels, spec.inPerGroup, ...t.kernel], values: t.weight };
+      d.weight = { shape: [spec.outChannels, spec.inPerGroup, ...t.kernel], values: wholeWeight(t.weight, spec.outChannels) };
       if (t.bias) d.bias = t.bias;
       if (t.scale !== undefined) d.scale = typeof t.scale === 'number' ? [t.scale] : t.scale;
     }

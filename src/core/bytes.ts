@@ -14,6 +14,8 @@ export interface ByteSource {
   read(offset: number, length: number): Uint8Array;
   /** Reads into a fresh, 8-byte-aligned buffer the caller owns (safe to view as a typed array). */
   readOwned(offset: number, length: number): Uint8Array;
+  /** Fills `target` with the bytes at `offset` (lets hot loops reuse one buffer). */
+  readInto?(target: Uint8Array, offset: number): void;
   close(): void;
 }
 
@@ -46,6 +48,10 @@ export class BufferSource implements ByteSource {
     const out = new Uint8Array(length);
     out.set(this.bytes.subarray(offset, offset + length));
     return out;
+  }
+  readInto(target: Uint8Array, offset: number): void {
+    checkRange(this, offset, target.length);
+    target.set(this.bytes.subarray(offset, offset + target.length));
   }
   close(): void {
     /* nothing to release */
@@ -96,10 +102,20 @@ export class FileSource implements ByteSource {
     return out;
   }
 
-  /** Streams `length` bytes at `offset` to `sink` in chunks, without holding them all. */
+  readInto(target: Uint8Array, offset: number): void {
+    checkRange(this, offset, target.length);
+    this.fill(target, offset);
+  }
+
+  private pipeBuf?: Uint8Array;
+
+  /**
+   * Streams `length` bytes at `offset` to `sink` in chunks, without holding them all. The chunk
+   * buffer is reused: sinks must consume (copy or write) each chunk before returning.
+   */
   pipe(offset: number, length: number, sink: (chunk: Uint8Array) => void, chunk = 1 << 22): void {
     checkRange(this, offset, length);
-    const buf = new Uint8Array(Math.min(chunk, Math.max(length, 1)));
+    const buf = (this.pipeBuf ??= new Uint8Array(chunk));
     let done = 0;
     while (done < length) {
       const n = Math.min(buf.length, length - done);
@@ -124,6 +140,12 @@ export class FileSource implements ByteSource {
       this.fd = -1;
     }
   }
+}
+
+/** Fills `target` from `src` at `offset`, without allocating when the source can. */
+export function readInto(src: ByteSource, target: Uint8Array, offset: number): void {
+  if (src.readInto) src.readInto(target, offset);
+  else target.set(src.read(offset, target.length));
 }
 
 /** Streams a range of any source to a sink in bounded chunks. */

@@ -194,3 +194,34 @@ export function encodeFloats(values: ArrayLike<number>, dtype: number): Uint8Arr
       throw new Error(`cannot write fused weights as ${dtypeName(dtype)}; only float types are supported.`);
   }
 }
+
+/**
+ * Encodes float64 values into `out` (which must hold values.length × size bytes) as a float dtype,
+ * rounding once; returns the filled view. Lets streaming writers reuse one buffer.
+ */
+export function encodeFloatsInto(values: Float64Array, dtype: number, out: Uint8Array): Uint8Array {
+  const n = values.length;
+  const size = dtypeSize(dtype)!;
+  if (out.byteOffset % 8 !== 0 || out.length < n * size) throw new Error('internal error: encode buffer too small or unaligned');
+  switch (dtype) {
+    case DType.float32:
+      new Float32Array(out.buffer, out.byteOffset, n).set(values);
+      break;
+    case DType.float64:
+      new Float64Array(out.buffer, out.byteOffset, n).set(values);
+      break;
+    case DType.float16: {
+      const h = new Uint16Array(out.buffer, out.byteOffset, n);
+      for (let i = 0; i < n; i++) h[i] = floatToHalf(values[i]);
+      break;
+    }
+    case DType.bfloat16: {
+      const h = new Uint16Array(out.buffer, out.byteOffset, n);
+      for (let i = 0; i < n; i++) h[i] = floatToBfloat16(values[i]);
+      break;
+    }
+    default:
+      throw new Error(`cannot write fused weights as ${dtypeName(dtype)}; only float types are supported.`);
+  }
+  return out.subarray(0, n * size);
+}

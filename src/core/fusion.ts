@@ -13,10 +13,16 @@ export interface BNParams {
   eps: number;
 }
 
+/** Lazy access to a big weight, one range of output channels at a time. */
+export interface WeightRows {
+  /** Values of output channels [o0, o1), row-major; may reuse its buffer between calls. */
+  rows(o0: number, o1: number): ArrayLike<number>;
+}
+
 export interface ConvTerm {
   kind: 'conv';
-  /** Weight [Cout, Cin/groups, ...kernel], row-major. */
-  weight: Num;
+  /** Weight [Cout, Cin/groups, ...kernel], row-major, whole or by rows. */
+  weight: Num | WeightRows;
   kernel: number[];
   bias?: Num;
   bn?: BNParams;
@@ -77,98 +83,184 @@ function checkKernel(spec: FuseSpec, k: number[]): number[] {
   });
 }
 
+const factorOf = (sc: ConvTerm['scale'], o: number): number =>
+  sc === undefined ? 1 : typeof sc === 'number' ? sc : sc.length === 1 ? sc[0] : sc[o];
+
+interface PreparedTerm {
+  term: ConvTerm | IdentityTerm;
+  /** Spatial size of the term's kernel (1 for identity). */
+  ks: number;
+  /** Position in the fused kernel of each position of the term's kernel. */
+  posMap: Int32Array;
+  /** Per-output-channel multiplier of the term's weights (BN scale × factor), or undefined for 1. */
+  mult?: Float64Array;
+  /** Per-output-channel contribution to the bias. */
+  bias: Float64Array;
+}
+
+/** A block ready to be fused channel range by channel range (so big layers stream in slices). */
+export interface PreparedFusion {
+  spec: FuseSpec;
+  spatial: number;
+  /** Elements per output channel of the fused weight. */
+  perChannel: number;
+  terms: PreparedTerm[];
+  /** Fused bias, complete (it needs no weights). */
+  bias: Float64Array;
+  postScale?: Float64Array;
+}
+
+/** Validates the spec and precomputes everything per channel; reads no weight. */
+export function prepareFusion(spec: FuseSpec): PreparedFusion {
+  const { outChannels: cout, inPerGroup: cpg, groups, kernel } = spec;
+  const spatial = kernel.reduce((a, b) => a * b, 1);
+  const kStrides = kernel.map((_, i) => kernel.slice(i + 1).reduce((a, b) => a * b, 1));
+  const centre = kernel.reduce((acc, K, i) => acc + ((K - 1) / 2) * kStrides[i], 0);
+  const bias = new Float64Array(cout);
+  const terms: PreparedTerm[] = [];
+  // Full-size, unscaled conv terms first, so the common case can take the copy fast path.
+  const plain = (t: ConvTerm | IdentityTerm) => t.kind === 'conv' && !t.bn && t.scale === undefined && t.kernel.every((k, i) => k === kernel[i]);
+  for (const term of [...spec.terms.filter(plain), ...spec.terms.filter((t) => !plain(t))]) {
+    const tb = new Float64Array(cout);
+    if (term.kind === 'identity') {
+      if (cpg * groups !== cout) {
+        throw new FusionError(`${spec.name}: an identity branch needs as many input as output channels (in ${cpg * groups}, out ${cout}).`);
+      }
+      let mult: Float64Array | undefined;
+      if (term.bn) {
+        const { scale, shift } = bnScaleShift(term.bn, cout, spec.name);
+        mult = scale;
+        tb.set(shift);
+      }
+      terms.push({ term, ks: 1, posMap: Int32Array.of(centre), mult, bias: tb });
+    } else {
+      const k = term.kernel;
+      const off = checkKernel(spec, k);
+      const ks = k.reduce((a, b) => a * b, 1);
+      if (!isRows(term.weight) && term.weight.length !== cout * cpg * ks) {
+        throw new FusionError(`${spec.name}: a ${k.join('×')} weight has ${term.weight.length} values, expected ${cout}×${cpg}×${k.join('×')}.`);
+      }
+      if (term.bias && term.bias.length !== cout) throw new FusionError(`${spec.name}: a bias has ${term.bias.length} values, expected ${cout}.`);
+      const sc = term.scale;
+      if (sc !== undefined && typeof sc !== 'number' && sc.length !== 1 && sc.length !== cout) {
+        throw new FusionError(`${spec.name}: a factor has ${sc.length} values, expected 1 or ${cout}.`);
+      }
+      const bn = term.bn ? bnScaleShift(term.bn, cout, spec.name) : undefined;
+      let mult: Float64Array | undefined;
+      if (bn || sc !== undefined) {
+        mult = new Float64Array(cout);
+        for (let o = 0; o < cout; o++) mult[o] = (bn ? bn.scale[o] : 1) * factorOf(sc, o);
+      }
+      // Bias of this branch after BN and factor: ((b − μ)·s + β)·α, computed as (b·s + shift)·α.
+      for (let o = 0; o < cout; o++) {
+        let b = term.bias ? term.bias[o] : 0;
+        if (bn) b = b * bn.scale[o] + bn.shift[o];
+        tb[o] = b * factorOf(sc, o);
+      }
+      const posMap = new Int32Array(ks);
+      const kIdx = new Array<number>(k.length).fill(0);
+      for (let p = 0; p < ks; p++) {
+        let q = 0;
+        for (let d = 0; d < k.length; d++) q += (kIdx[d] + off[d]) * kStrides[d];
+        posMap[p] = q;
+        for (let d = k.length - 1; d >= 0; d--) {
+          if (++kIdx[d] < k[d]) break;
+          kIdx[d] = 0;
+        }
+      }
+      terms.push({ term, ks, posMap, mult, bias: tb });
+    }
+    for (let o = 0; o < cout; o++) bias[o] += tb[o];
+  }
+  let postScale: Float64Array | undefined;
+  if (spec.postBN) {
+    const { scale, shift } = bnScaleShift(spec.postBN, cout, spec.name);
+    postScale = scale;
+    for (let o = 0; o < cout; o++) bias[o] = bias[o] * scale[o] + shift[o];
+  }
+  return { spec, spatial, perChannel: cpg * spatial, terms, bias, postScale };
+}
+
+/** The whole weight of a term as one array (reads every row of a lazy weight). */
+export function wholeWeight(w: ConvTerm['weight'], outChannels: number): ArrayLike<number> {
+  if (!isRows(w)) return w;
+  const first = w.rows(0, outChannels);
+  return Float64Array.from(first);
+}
+
+function isRows(w: ConvTerm['weight']): w is WeightRows {
+  return typeof (w as WeightRows).rows === 'function';
+}
+
+/** Weight rows of output channels [o0, o1) as a flat array (the term's own kernel size). */
+function rowsOf(w: ConvTerm['weight'], o0: number, o1: number, per: number): ArrayLike<number> {
+  if (isRows(w)) return w.rows(o0, o1);
+  if (Array.isArray(w)) return w.slice(o0 * per, o1 * per);
+  return (w as Float32Array).subarray(o0 * per, o1 * per);
+}
+
+/**
+ * Writes the fused weights of output channels [o0, o1) into `out` (length (o1−o0)·perChannel),
+ * accumulating in float64.
+ */
+export function fuseRange(p: PreparedFusion, o0: number, o1: number, out: Float64Array): void {
+  const { spec, spatial } = p;
+  const cpg = spec.inPerGroup;
+  const n = (o1 - o0) * p.perChannel;
+  if (out.length < n) throw new Error('internal error: fusion buffer too small');
+  let touched = false;
+  for (const t of p.terms) {
+    if (t.term.kind === 'identity') {
+      if (!touched) out.fill(0, 0, n);
+      touched = true;
+      const c0 = t.posMap[0];
+      for (let o = o0; o < o1; o++) out[(o - o0) * p.perChannel + (o % cpg) * spatial + c0] += t.mult ? t.mult[o] : 1;
+      continue;
+    }
+    const w = rowsOf(t.term.weight, o0, o1, cpg * t.ks);
+    if (!touched && t.ks === spatial && !t.mult && (w instanceof Float32Array || w instanceof Float64Array)) {
+      out.set(w); // native widening copy: the usual PyTorch export (BN already folded into the conv)
+      touched = true;
+      continue;
+    }
+    if (!touched) out.fill(0, 0, n);
+    touched = true;
+    const { ks, posMap, mult } = t;
+    for (let o = o0; o < o1; o++) {
+      const f = mult ? mult[o] : 1;
+      const sBase = (o - o0) * cpg * ks;
+      const dBase = (o - o0) * p.perChannel;
+      if (ks === spatial) {
+        const m = cpg * ks;
+        for (let i = 0; i < m; i++) out[dBase + i] += w[sBase + i] * f;
+      } else if (ks === 1) {
+        const c0 = posMap[0];
+        for (let c = 0; c < cpg; c++) out[dBase + c * spatial + c0] += w[sBase + c] * f;
+      } else {
+        for (let c = 0; c < cpg; c++) {
+          const s0 = sBase + c * ks;
+          const d0 = dBase + c * spatial;
+          for (let q = 0; q < ks; q++) out[d0 + posMap[q]] += w[s0 + q] * f;
+        }
+      }
+    }
+  }
+  if (!touched) out.fill(0, 0, n);
+  if (p.postScale) {
+    for (let o = o0; o < o1; o++) {
+      const s = p.postScale[o];
+      for (let i = (o - o0) * p.perChannel, e = i + p.perChannel; i < e; i++) out[i] *= s;
+    }
+  }
+}
+
 /**
  * Fuses the terms of one block into a single convolution. Smaller kernels are zero-padded to the
  * centre; the identity becomes a kernel with scale[o] at [o, o mod (C/groups), centre].
  */
 export function fuseBlock(spec: FuseSpec): FusedConv {
-  const { outChannels: cout, inPerGroup: cpg, groups, kernel } = spec;
-  const spatial = kernel.reduce((a, b) => a * b, 1);
-  const shape = [cout, cpg, ...kernel];
-  const weight = new Float64Array(cout * cpg * spatial);
-  const bias = new Float64Array(cout);
-  // Row-major strides of the fused spatial kernel.
-  const kStrides = kernel.map((_, i) => kernel.slice(i + 1).reduce((a, b) => a * b, 1));
-  // Only a term applied while the weight is still all zeros may be copied instead of added.
-  let touched = false;
-
-  // Full-size, unscaled conv terms first, so the common case can take the copy fast path.
-  const plain = (t: ConvTerm | IdentityTerm) => t.kind === 'conv' && !t.bn && t.scale === undefined && t.kernel.every((k, i) => k === kernel[i]);
-  const terms = [...spec.terms.filter(plain), ...spec.terms.filter((t) => !plain(t))];
-  for (const term of terms) {
-    const wasTouched = touched;
-    touched = true;
-    if (term.kind === 'identity') {
-      if (cout % groups !== 0 || cpg * groups !== cout) {
-        throw new FusionError(`${spec.name}: an identity branch needs as many input as output channels (in ${cpg * groups}, out ${cout}).`);
-      }
-      const centre = kernel.reduce((acc, K, i) => acc + ((K - 1) / 2) * kStrides[i], 0);
-      let scale: ArrayLike<number> | undefined;
-      let shift: ArrayLike<number> | undefined;
-      if (term.bn) ({ scale, shift } = bnScaleShift(term.bn, cout, spec.name));
-      for (let o = 0; o < cout; o++) {
-        weight[(o * cpg + (o % cpg)) * spatial + centre] += scale ? scale[o] : 1;
-        if (shift) bias[o] += shift[o];
-      }
-      continue;
-    }
-    const k = term.kernel;
-    const off = checkKernel(spec, k);
-    const ks = k.reduce((a, b) => a * b, 1);
-    if (term.weight.length !== cout * cpg * ks) {
-      throw new FusionError(`${spec.name}: a ${k.join('×')} weight has ${term.weight.length} values, expected ${cout}×${cpg}×${k.join('×')}.`);
-    }
-    const bn = term.bn ? bnScaleShift(term.bn, cout, spec.name) : undefined;
-    const sc = term.scale;
-    // Map each position of the small kernel to its place in the fused kernel.
-    const posMap = new Int32Array(ks);
-    const kIdx = new Array<number>(k.length).fill(0);
-    for (let p = 0; p < ks; p++) {
-      let q = 0;
-      for (let d = 0; d < k.length; d++) q += (kIdx[d] + off[d]) * kStrides[d];
-      posMap[p] = q;
-      for (let d = k.length - 1; d >= 0; d--) {
-        if (++kIdx[d] < k[d]) break;
-        kIdx[d] = 0;
-      }
-    }
-    const w = term.weight;
-    const alphaOf = (o: number) => (sc === undefined ? 1 : typeof sc === 'number' ? sc : sc.length === 1 ? sc[0] : sc[o]);
-    let fastCopy = false;
-    if (!bn && sc === undefined && ks === spatial && !wasTouched && (w instanceof Float32Array || w instanceof Float64Array)) {
-      // First full-size unscaled term (the usual PyTorch export: BN already folded into the conv):
-      // a native widening copy instead of an element loop. Later terms add to it.
-      weight.set(w);
-      fastCopy = true;
-    }
-    for (let o = 0; o < cout; o++) {
-      const f = (bn ? bn.scale[o] : 1) * alphaOf(o);
-      const srcBase = o * cpg * ks;
-      const dstBase = o * cpg * spatial;
-      for (let c = 0; c < cpg && !fastCopy; c++) {
-        const s0 = srcBase + c * ks;
-        const d0 = dstBase + c * spatial;
-        if (ks === spatial) {
-          for (let p = 0; p < ks; p++) weight[d0 + p] += w[s0 + p] * f;
-        } else {
-          for (let p = 0; p < ks; p++) weight[d0 + posMap[p]] += w[s0 + p] * f;
-        }
-      }
-      // Bias of this branch after BN and scale: ((b − μ)·s + β)·α, computed as (b·s + shift)·α.
-      let b = term.bias ? term.bias[o] : 0;
-      if (bn) b = b * bn.scale[o] + bn.shift[o];
-      bias[o] += b * alphaOf(o);
-    }
-  }
-
-  if (spec.postBN) {
-    const { scale, shift } = bnScaleShift(spec.postBN, cout, spec.name);
-    const per = cpg * spatial;
-    for (let o = 0; o < cout; o++) {
-      const s = scale[o];
-      for (let i = o * per, e = i + per; i < e; i++) weight[i] *= s;
-      bias[o] = bias[o] * s + shift[o];
-    }
-  }
-  return { weight, bias, shape };
+  const p = prepareFusion(spec);
+  const weight = new Float64Array(spec.outChannels * p.perChannel);
+  fuseRange(p, 0, spec.outChannels, weight);
+  return { weight, bias: p.bias, shape: [spec.outChannels, spec.inPerGroup, ...spec.kernel] };
 }

@@ -3,7 +3,7 @@
 // validated in onnxruntime exactly like an ONNX block.
 import { onnx } from 'onnx-proto';
 import { DType } from '../dtype';
-import type { BNParams, FusedConv, FuseSpec } from '../fusion';
+import { type BNParams, type FusedConv, type FuseSpec, wholeWeight } from '../fusion';
 
 const INTS = onnx.AttributeProto.AttributeType.INTS;
 const INT = onnx.AttributeProto.AttributeType.INT;
@@ -81,7 +81,7 @@ export function buildBlockModels(spec: FuseSpec, fused: FusedConv, stride: numbe
       terms.push(t.bn ? g.bn('x', t.bn) : 'x');
       continue;
     }
-    let y = g.conv('x', t.weight, [spec.outChannels, spec.inPerGroup, ...t.kernel], t.bias, stride, spec.groups);
+    let y = g.conv('x', wholeWeight(t.weight, spec.outChannels), [spec.outChannels, spec.inPerGroup, ...t.kernel], t.bias, stride, spec.groups);
     if (t.bn) y = g.bn(y, t.bn);
     if (t.scale !== undefined) {
       const s = typeof t.scale === 'number' ? [t.scale] : Array.from(t.scale);

@@ -1,9 +1,10 @@
 // Turns a Detection into a writer Plan: one fused Conv per block (and per folded Conv → BN), new
 // initializers computed lazily at write time, and everything the fusion made dead removed.
 import { onnx } from 'onnx-proto';
-import { encodeFloats, type NumArray } from '../dtype';
-import { FusionError } from '../errors';
-import { type BNParams, type ConvTerm, type FusedConv, fuseBlock, type FuseSpec, type IdentityTerm } from '../fusion';
+import { readInto } from '../bytes';
+import { decodeNumbers, dtypeSize, encodeFloats, isFloatType, type NumArray } from '../dtype';
+import { checkFinite, streamFusedWeight } from '../fusestream';
+import { type BNParams, type ConvTerm, type FusedConv, fuseBlock, type FuseSpec, type IdentityTerm, type PreparedFusion, prepareFusion, type WeightRows } from '../fusion';
 import type { ConstRef } from './graph';
 import { type BNRef, type Detection, isConvLeaf, type OnnxBlock, type OnnxFold } from './detect';
 import { numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
@@ -31,6 +32,29 @@ function values(model: OnnxModel, r: ConstRef): NumArray {
   return readTensorValues(model, r.tensor);
 }
 
+/**
+ * A big float weight as lazy rows (read slice by slice into one reused buffer); small or
+ * unusually stored weights are read whole.
+ */
+function weightRows(model: OnnxModel, r: ConstRef, dims: number[]): NumArray | WeightRows {
+  const t = r.tensor;
+  const s = t.storage;
+  const esize = dtypeSize(t.dtype);
+  if ((s.kind !== 'raw' && s.kind !== 'external') || !esize || !isFloatType(t.dtype) || dims.length < 2) return values(model, r);
+  const per = numelOf(dims.slice(1));
+  const src = s.kind === 'raw' ? model.source : model.external.source(s.file);
+  let buf: Uint8Array | undefined;
+  return {
+    rows(o0: number, o1: number) {
+      const len = (o1 - o0) * per * esize;
+      if (!buf || buf.length < len) buf = new Uint8Array(len);
+      const b = buf.subarray(0, len);
+      readInto(src, b, s.offset + o0 * per * esize);
+      return decodeNumbers(b, t.dtype, src.name);
+    },
+  };
+}
+
 function bnParams(model: OnnxModel, bn: BNRef): BNParams {
   return {
     gamma: values(model, bn.scale),
@@ -47,7 +71,7 @@ export function blockTerms(model: OnnxModel, block: OnnxBlock): (ConvTerm | Iden
     if (!isConvLeaf(leaf)) return { kind: 'identity', bn: leaf.bn ? bnParams(model, leaf.bn) : undefined };
     return {
       kind: 'conv',
-      weight: values(model, leaf.weight),
+      weight: weightRows(model, leaf.weight, leaf.weight.tensor.dims),
       kernel: leaf.kernel,
       bias: leaf.bias ? values(model, leaf.bias) : undefined,
       bn: leaf.bn ? bnParams(model, leaf.bn) : undefined,
@@ -73,41 +97,32 @@ export function fuseOnnxBlock(model: OnnxModel, block: OnnxBlock): FusedConv {
   return fuseBlock(blockSpec(model, block));
 }
 
-function fuseOnnxFold(model: OnnxModel, fold: OnnxFold): FusedConv {
+function foldSpec(model: OnnxModel, fold: OnnxFold): FuseSpec {
   const w = fold.weight.tensor.dims;
-  return fuseBlock({
+  return {
     name: `Conv '${fold.info.conv}'`,
     outChannels: w[0],
     inPerGroup: w[1],
     groups: fold.groups,
     kernel: fold.kernel,
-    terms: [{ kind: 'conv', weight: values(model, fold.weight), kernel: fold.kernel, bias: fold.bias ? values(model, fold.bias) : undefined, bn: bnParams(model, fold.bn) }],
-  });
+    terms: [{ kind: 'conv', weight: weightRows(model, fold.weight, w), kernel: fold.kernel, bias: fold.bias ? values(model, fold.bias) : undefined, bn: bnParams(model, fold.bn) }],
+  };
 }
 
-/** Makes the weight/bias pair of one fused conv; the fusion runs once, when the weight is written. */
-function lazyPair(names: [string, string], dtype: number, shape: number[], compute: () => FusedConv): [NewTensor, NewTensor] {
-  let biasBytes: Uint8Array | undefined;
-  let done = false;
-  const run = (): Uint8Array => {
-    const fused = compute();
-    for (let i = 0; i < fused.weight.length; i++) {
-      if (!Number.isFinite(fused.weight[i])) throw new FusionError(`${names[0]}: the fused weight is not finite (NaN or Inf in the inputs?).`);
-    }
-    biasBytes = encodeFloats(fused.bias, dtype);
-    done = true;
-    return encodeFloats(fused.weight, dtype);
-  };
-  const weight: NewTensor = { name: names[0], dtype, dims: shape, produce: run };
+/** Makes the weight/bias pair of one fused conv; the block's constants are read once, when written. */
+function lazyPair(names: [string, string], dtype: number, shape: number[], spec: () => FuseSpec): [NewTensor, NewTensor] {
+  let prep: PreparedFusion | undefined;
+  const prepared = () => (prep ??= prepareFusion(spec()));
+  const weight: NewTensor = { name: names[0], dtype, dims: shape, write: (sink) => streamFusedWeight(prepared(), dtype, sink) };
   const bias: NewTensor = {
     name: names[1],
     dtype,
     dims: [shape[0]],
-    produce: () => {
-      if (!done) run();
-      const b = biasBytes!;
-      biasBytes = undefined;
-      return b;
+    write: (sink) => {
+      const p = prepared();
+      checkFinite(p.bias, `${p.spec.name}: the fused bias`);
+      sink(encodeFloats(p.bias, dtype));
+      prep = undefined; // the pair is written weight first, bias second: release the block's data
     },
   };
   return [weight, bias];
@@ -166,7 +181,7 @@ export function planRewrite(model: OnnxModel, det: Detection): RewriteResult {
     const base = b.info.name;
     const shape = [b.outChannels, b.inPerGroup, ...b.kernel];
     const names: [string, string] = [unique(`${base}.fused.weight`), unique(`${base}.fused.bias`)];
-    const tensors = lazyPair(names, b.dtype, shape, () => fuseOnnxBlock(model, b));
+    const tensors = lazyPair(names, b.dtype, shape, () => blockSpec(model, b));
     const refs: ConstRef[] = [];
     for (const l of b.leaves) {
       if (isConvLeaf(l)) {
@@ -202,7 +217,7 @@ export function planRewrite(model: OnnxModel, det: Detection): RewriteResult {
   for (const f of det.folds) {
     const w = f.weight.tensor.dims;
     const names: [string, string] = [unique(`${f.info.name}.folded.weight`), unique(`${f.info.name}.folded.bias`)];
-    const tensors = lazyPair(names, f.dtype, w, () => fuseOnnxFold(model, f));
+    const tensors = lazyPair(names, f.dtype, w, () => foldSpec(model, f));
     const attrs = [...f.conv.attrs.values()];
     place(
       [f.conv, f.bn.node],

@@ -10,12 +10,13 @@ import { ByteBuilder, WT_LEN, walkFields } from '../proto/wire';
 import { onnx } from 'onnx-proto';
 import { numelOf, type OnnxModel, type OnnxTensor } from './reader';
 
-/** A tensor the writer creates; its bytes are produced only when written. */
+/** A tensor the writer creates; its bytes are produced only when written, possibly in slices. */
 export interface NewTensor {
   name: string;
   dtype: number;
   dims: number[];
-  produce(): Uint8Array;
+  /** Writes exactly numel × size bytes to `sink`; chunks may be reused after the call returns. */
+  write(sink: (chunk: Uint8Array) => void): void;
 }
 
 /** What to change in the graph. Node indexes refer to model.graph.nodes. */
@@ -61,7 +62,7 @@ export interface WriteOptions {
 type Piece =
   | { kind: 'bytes'; bytes: Uint8Array }
   | { kind: 'copy'; src: ByteSource; offset: number; length: number }
-  | { kind: 'lazy'; length: number; produce: () => Uint8Array };
+  | { kind: 'lazy'; length: number; write: (sink: (chunk: Uint8Array) => void) => void };
 
 const PROTO_LIMIT = 2 ** 31 - 1;
 const ALIGN = 4096;
@@ -119,7 +120,7 @@ function layoutModel(model: OnnxModel, plan: Plan, opts: WriteOptions, data: { l
     const h = tensorHeader(t);
     if (data && len >= threshold) {
       const off = dataOffset();
-      data.layout.push({ kind: 'lazy', length: len, produce: t.produce });
+      data.layout.push({ kind: 'lazy', length: len, write: (sink) => t.write(sink) });
       externalFields(h, data.location, off, len);
       const payload = h.finish();
       g.bytes(lenPrefix(5, payload.length));
@@ -129,7 +130,7 @@ function layoutModel(model: OnnxModel, plan: Plan, opts: WriteOptions, data: { l
       const head = h.finish();
       g.bytes(lenPrefix(5, head.length + len));
       g.bytes(head);
-      g.push({ kind: 'lazy', length: len, produce: t.produce });
+      g.push({ kind: 'lazy', length: len, write: (sink) => t.write(sink) });
     }
   };
 
@@ -249,9 +250,12 @@ async function emit(layout: Layout, sink: (chunk: Uint8Array) => void, signal?: 
     if (p.kind === 'bytes') sink(p.bytes);
     else if (p.kind === 'copy') pipeRange(p.src, p.offset, p.length, sink);
     else {
-      const b = p.produce();
-      if (b.length !== p.length) throw new Error(`internal error: produced ${b.length} bytes, planned ${p.length}.`);
-      sink(b);
+      let n = 0;
+      p.write((c) => {
+        n += c.length;
+        sink(c);
+      });
+      if (n !== p.length) throw new Error(`internal error: produced ${n} bytes, planned ${p.length}.`);
     }
     sinceYield += p.kind === 'bytes' ? p.bytes.length : p.length;
     if (sinceYield > 16 << 20) {
