@@ -7,19 +7,30 @@ import { pendingTempFiles } from './core/onnx/writer';
 import { renderFuse, renderInspect } from './core/report';
 import { defaultFuseOptions, fuse, inspect } from './engine';
 import { ValidationError } from './validate';
+import { DType } from './core/dtype';
 import * as fs from 'node:fs';
 
 const USAGE = `repfuse — find and fuse structural re-parameterization blocks (RepVGG, YOLOv7 RepConv, MobileOne, ACNet, …)
 
 Usage:
-  repfuse inspect <model.onnx> [--json] [--no-fold-bn]
-  repfuse fuse <model.onnx> [-o out.onnx] [--force] [--json] [--no-validate] [--no-fold-bn]
+  repfuse inspect <model> [--json] [--no-fold-bn] [--eps 1e-3]
+  repfuse fuse <model> [-o out] [--force] [--json] [--no-validate] [--no-fold-bn]
                [--input name=1x3x640x640]... [--input-npy name=file.npy]...
                [--atol 1e-4] [--rtol 1e-3] [--seed 0] [--timeout 300]
+               [--eps 1e-3] [--dtype keep|float32|float16|bfloat16] [--keep-modules | --state-dict]
 
-fuse writes <name>.fused.onnx beside the input (never the input itself), then runs original and
-fused model in onnxruntime on the same inputs and reports the maximum output difference, per
-output and per block. It passes when max|Δ| ≤ atol + rtol·max|y|.
+<model> is an .onnx model, a PyTorch checkpoint (.pt/.pth/.ckpt: zip or legacy format, state_dict
+or full-module pickle, read without Python and without running anything in it) or .safetensors.
+
+fuse writes <name>.fused.<ext> beside the input (never the input itself), then validates with
+onnxruntime: an ONNX model runs whole, original against fused, per output and per block; a
+checkpoint (which has no graph) is checked block by block. It passes when max|Δ| ≤ atol + rtol·max|y|.
+
+Checkpoints: -o x.pt writes a fused state_dict with the family's deploy names (rbr_reparam,
+reparam_conv, conv, fused_conv) for deploy_model.load_state_dict(torch.load(x.pt), strict=True);
+-o x.safetensors the same tensors. A full-module checkpoint (YOLO's {'model': Model, …}) is by
+default rewritten as a checkpoint with its blocks in deploy form (--state-dict to get a state_dict).
+--eps overrides BN epsilon (bare state_dicts use the family's training default, and say so).
 
 Exit codes: 0 ok · 1 fused, but validation over tolerance · 2 bad input or usage · 3 fused, but
 validation could not run.`;
@@ -60,6 +71,10 @@ async function main(argv: string[]): Promise<number> {
       rtol: { type: 'string' },
       seed: { type: 'string' },
       timeout: { type: 'string' },
+      eps: { type: 'string' },
+      dtype: { type: 'string' },
+      'keep-modules': { type: 'boolean', default: false },
+      'state-dict': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
       version: { type: 'boolean', short: 'v', default: false },
     },
@@ -79,9 +94,11 @@ async function main(argv: string[]): Promise<number> {
   if (rest.length) throw new RepFuseError(`unexpected argument '${rest[0]}'.`);
   if (!fs.existsSync(file)) throw new RepFuseError('no such file.', file);
   const foldBN = !values['no-fold-bn'];
+  const eps = values.eps === undefined ? undefined : parseNumber('eps', values.eps, 0);
+  if (eps !== undefined && !(eps > 0)) throw new RepFuseError(`--eps must be positive, got '${values.eps}'.`);
 
   if (cmd === 'inspect') {
-    const report = inspect(file, { foldBN });
+    const report = inspect(file, { foldBN, eps });
     process.stdout.write(values.json ? JSON.stringify(report, null, 2) + '\n' : renderInspect(report) + '\n');
     return 0;
   }
@@ -93,9 +110,16 @@ async function main(argv: string[]): Promise<number> {
   const controller = new AbortController();
   process.once('SIGINT', () => controller.abort(new RepFuseError('interrupted.')));
   process.once('SIGTERM', () => controller.abort(new RepFuseError('terminated.')));
+  if (values['keep-modules'] && values['state-dict']) throw new RepFuseError('--keep-modules and --state-dict exclude each other.');
+  const dtypes: Record<string, DType | undefined> = { keep: undefined, float32: DType.float32, float16: DType.float16, bfloat16: DType.bfloat16, float64: DType.float64 };
+  if (values.dtype !== undefined && !(values.dtype in dtypes)) throw new RepFuseError(`--dtype must be one of ${Object.keys(dtypes).join(', ')}, got '${values.dtype}'.`);
   const report = await fuse(file, {
     ...defaultFuseOptions,
     foldBN,
+    eps,
+    dtype: values.dtype ? dtypes[values.dtype] : undefined,
+    keepModules: values['keep-modules'] ? true : values['state-dict'] ? false : undefined,
+    rtolExplicit: values.rtol !== undefined,
     output: values.output,
     force: values.force,
     validate: !values['no-validate'],

@@ -8,9 +8,26 @@ import { type InputSpec, resolveInputs } from './core/onnx/inputs';
 import type { FuseReport } from './core/report';
 import type { InspectReport } from './core/model';
 import { validateInChild } from './validate';
+import { DType, dtypeName } from './core/dtype';
+import { analyzeCheckpoint, type CheckpointAnalysis, checkpointBlockData, isCheckpointPath, writeCheckpoint, writtenValues } from './core/checkpoint';
+import { ckptBlockSpec } from './core/checkpoint/fuse';
+import { fuseBlock } from './core/fusion';
+import { buildBlockModels } from './core/onnx/blockmodel';
+import * as os from 'node:os';
 
 export interface FuseOptions extends EngineOptions {
   output?: string;
+  /** Checkpoints: BN epsilon for every BN (overrides what the file says or the family default). */
+  eps?: number;
+  /** Checkpoints: convert float tensors to this dtype in the output. */
+  dtype?: DType;
+  /**
+   * Checkpoints holding module objects: true = rewrite them in deploy form (the default for
+   * full-module inputs written as .pt), false = write a fused state_dict.
+   */
+  keepModules?: boolean;
+  /** rtol was given by the user (otherwise fp16 checkpoints get a float16-sized default). */
+  rtolExplicit?: boolean;
   force: boolean;
   validate: boolean;
   atol: number;
@@ -37,12 +54,13 @@ export const defaultFuseOptions: FuseOptions = {
   inputNpy: {},
 };
 
-export type ModelKind = 'onnx';
+export type ModelKind = 'onnx' | 'checkpoint';
 
 export function modelKind(file: string): ModelKind {
   const ext = path.extname(file).toLowerCase();
   if (ext === '.onnx') return 'onnx';
-  throw new RepFuseError(`unsupported file type '${ext || '(none)'}'; RepFuse reads .onnx models.`, file);
+  if (isCheckpointPath(file)) return 'checkpoint';
+  throw new RepFuseError(`unsupported file type '${ext || '(none)'}'; RepFuse reads .onnx models, PyTorch checkpoints (.pt, .pth, .ckpt) and .safetensors.`, file);
 }
 
 /** `<dir>/<name>.fused<ext>` beside the input. */
@@ -51,13 +69,17 @@ export function defaultOutput(input: string, suffix = '.fused'): string {
   return path.join(path.dirname(input), `${path.basename(input, ext)}${suffix}${ext}`);
 }
 
-export function inspect(file: string, opts: EngineOptions): InspectReport {
-  modelKind(file);
+export function inspect(file: string, opts: EngineOptions & { eps?: number }): InspectReport {
+  if (modelKind(file) === 'checkpoint') {
+    const a = analyzeCheckpoint(file, { eps: opts.eps });
+    a.close();
+    return a.report;
+  }
   return inspectOnnxFile(file, opts);
 }
 
 export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport> {
-  modelKind(input);
+  if (modelKind(input) === 'checkpoint') return fuseCheckpoint(input, opts);
   const t0 = performance.now();
   const timings: Record<string, number> = {};
   const out = path.resolve(opts.output ?? defaultOutput(input));
@@ -126,3 +148,95 @@ export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport
   timings.total = performance.now() - t0;
   return report;
 }
+
+/** Output dtype of a checkpoint block: the option, else the block's own weights. */
+function blockDtype(a: CheckpointAnalysis, name: string, opts: FuseOptions): DType {
+  const b = a.primary.detection.blocks.find((x) => x.info.name === name)!;
+  return opts.dtype ?? b.dtype;
+}
+
+async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseReport> {
+  const t0 = performance.now();
+  const timings: Record<string, number> = {};
+  const out = path.resolve(opts.output ?? defaultOutput(input));
+  if (out === path.resolve(input)) throw new RepFuseError('the output would overwrite the input; choose another -o.', input);
+  if (!fs.existsSync(path.dirname(out))) throw new RepFuseError(`the output folder ${path.dirname(out)} does not exist.`, input);
+  if (fs.existsSync(out) && !opts.force) throw new RepFuseError(`${out} already exists; use --force to replace it.`, input);
+  const a = analyzeCheckpoint(input, { eps: opts.eps });
+  let tmpDir: string | undefined;
+  try {
+    timings.analyze = performance.now() - t0;
+    const w = a.primary;
+    const outExt = path.extname(out).toLowerCase();
+    // Full-module checkpoints are rewritten as checkpoints by default: the user's loader (e.g.
+    // YOLO's attempt_load) expects ckpt['model'] to be a module, and a state_dict would break it.
+    const keepModules = opts.keepModules ?? (a.modules.length > 0 && outExt !== '.safetensors');
+    const report: FuseReport = {
+      input,
+      format: a.format,
+      output: null,
+      bytesWritten: 0,
+      blocksFused: w.detection.blocks.length,
+      bnFolded: 0,
+      paramsBefore: a.report.model.paramCount,
+      paramsAfter: a.report.paramCountAfter,
+      inspect: a.report,
+      validation: null,
+      timingsMs: timings,
+    };
+    if (!w.detection.blocks.length) {
+      report.validationSkipped = 'nothing to fuse';
+      return report;
+    }
+    opts.onProgress?.(`writing ${path.basename(out)}`);
+    const t1 = performance.now();
+    const res = await writeCheckpoint(a, out, { dtype: opts.dtype, keepModules, signal: opts.signal });
+    timings.write = performance.now() - t1;
+    report.output = res.path;
+    report.bytesWritten = res.bytes;
+    report.inspect.model.notes.push(`wrote ${res.layout}${keepModules ? ' (module objects switched to deploy form, every other entry kept)' : ''}`);
+    if (!opts.validate) {
+      report.validationSkipped = '--no-validate';
+      return report;
+    }
+    // A checkpoint has no graph of the whole network: each block is checked on its own, its
+    // branches as the module defines them against the fused conv as written.
+    opts.onProgress?.('validating blocks with onnxruntime');
+    const t2 = performance.now();
+    tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'repfuse-blocks-'));
+    const pairs: { block: string; unfused: string; fused: string; inputShape: number[] }[] = [];
+    const dtypes = new Set<DType>();
+    w.detection.blocks.forEach((b, i) => {
+      const spec = ckptBlockSpec(b);
+      const fused = fuseBlock(spec);
+      const dt = blockDtype(a, b.info.name, opts);
+      dtypes.add(dt);
+      const asWritten = { shape: fused.shape, weight: Float64Array.from(writtenValues(fused.weight, dt)), bias: Float64Array.from(writtenValues(fused.bias, dt)) };
+      // A family that keeps its post-add BN in the deploy model (QARepVGG) leaves it out of both sides.
+      const models = buildBlockModels(spec, asWritten, b.stride);
+      const u = path.join(tmpDir!, `b${i}.unfused.onnx`);
+      const f = path.join(tmpDir!, `b${i}.fused.onnx`);
+      fs.writeFileSync(u, models.unfused);
+      fs.writeFileSync(f, models.fused);
+      pairs.push({ block: b.info.name, unfused: u, fused: f, inputShape: models.inputShape });
+    });
+    let rtol = opts.rtol;
+    const low = [...dtypes].filter((d) => d === DType.float16 || d === DType.bfloat16);
+    if (low.length && !opts.rtolExplicit) {
+      rtol = low.includes(DType.bfloat16) ? 1e-2 : 5e-3;
+      report.inspect.model.notes.push(`fused weights are stored as ${low.map(dtypeName).join('/')}: rounding each weight costs ~${low.includes(DType.bfloat16) ? '4e-3' : '5e-4'} relative, so validation uses rtol ${rtol} (set --rtol to override)`);
+    }
+    report.validation = await validateInChild(
+      { type: 'validate-pairs', pairs, seed: opts.seed, atol: opts.atol, rtol },
+      { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress },
+    );
+    timings.validate = performance.now() - t2;
+    timings.total = performance.now() - t0;
+    return report;
+  } finally {
+    a.close();
+    if (tmpDir) fs.rmSync(tmpDir, { recursive: true, force: true });
+  }
+}
+
+export { checkpointBlockData };

@@ -129,6 +129,13 @@ export function renderInspect(r: InspectReport): string {
     );
   } else out.push('No re-parameterizable blocks found.');
   if (r.blocks.some((b) => b.branches.some((br) => br.epsilonSource === 'assumed'))) out.push('* epsilon assumed (not stored in the file)');
+  // Inferences shared by many blocks are listed once, with the blocks they apply to.
+  const assumed = new Map<string, string[]>();
+  for (const b of r.blocks) for (const a of b.assumptions ?? []) assumed.set(a, [...(assumed.get(a) ?? []), b.name]);
+  if (assumed.size) {
+    out.push('inferred, not read from the file:');
+    for (const [a, names] of assumed) out.push(`  ${a} (${names.length === r.blocks.length ? 'all blocks' : names.join(', ')})`);
+  }
   if (r.rejected.length) {
     out.push('', `${r.rejected.length} rejected candidate${r.rejected.length === 1 ? '' : 's'} (not fused):`);
     for (const x of r.rejected) out.push(`  ${x.name}: ${x.reason}`);
@@ -152,7 +159,8 @@ export function renderValidation(v: ValidationReport): string {
   out.push(`validation: ${v.runtime}; inputs ${v.inputs.map((i) => `${i.name} ${i.shape.join('×')} ${i.dtype}`).join(', ')}; atol ${v.atol}, rtol ${v.rtol}`);
   const row = (name: string, d: TensorDiff) => [name, fmtNum(d.maxAbsDiff), fmtNum(d.maxRelDiff), fmtNum(d.meanAbsDiff), `[${d.worstIndex.join(',')}]`, fmtNum(d.maxAbsRef), fmtNum(d.tolerance), d.passed ? 'pass' : 'FAIL'];
   const head = ['max |Δ|', 'max rel', 'mean |Δ|', 'worst at', 'max |y|', 'tolerance', 'verdict'];
-  out.push('', table(['output', ...head], v.outputs.map((d) => row(d.name, d))));
+  if (v.outputs.length) out.push('', table(['output', ...head], v.outputs.map((d) => row(d.name, d))));
+  else out.push('', 'No whole-network outputs: a checkpoint has no graph, so each block is checked on its own (its branches as defined, against the fused conv as written).');
   if (v.blocks.length) out.push('', table(['block', ...head], v.blocks.map((d) => row(d.block, d))));
   return out.join('\n');
 }
@@ -162,8 +170,10 @@ export function verdictLine(r: FuseReport): string {
   const parts = [`Fused ${r.blocksFused} block${r.blocksFused === 1 ? '' : 's'}`];
   if (r.bnFolded) parts.push(`folded ${r.bnFolded} BN`);
   if (r.validation) {
-    const max = Math.max(0, ...r.validation.outputs.map((o) => o.maxAbsDiff));
-    parts.push(`max |Δ| ${fmtNum(max)}`, r.validation.passed ? 'passed' : 'OVER TOLERANCE');
+    // A checkpoint has no whole-network outputs: its verdict is the worst block.
+    const diffs = r.validation.outputs.length ? r.validation.outputs : r.validation.blocks;
+    const max = Math.max(0, ...diffs.map((o) => o.maxAbsDiff));
+    parts.push(`max |Δ| ${fmtNum(max)}${r.validation.outputs.length ? '' : ' (worst block)'}`, r.validation.passed ? 'passed' : 'OVER TOLERANCE');
   } else parts.push(`not validated${r.validationSkipped ? ` (${r.validationSkipped})` : ''}`);
   return parts.join(' · ');
 }

@@ -147,8 +147,25 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
   const claimed = new Set<ModuleNode>();
   const allPaths = [...walk(root)].map((n) => n.path).join(' ');
   const yolov6Hints = /ERBlock_|Rep_p\d|Rep_n\d|\bneck\.Rep/.test(allPaths);
+  // PP-YOLOE's RepVggBlock has alpha only when use_alpha is set; its CSPResNet layout names blocks
+  // stages.N.blocks.M, and one block with alpha marks the whole file as PP-YOLOE.
+  const ppyoloeHints = /\bstages\.\d+\.blocks\.\d+\.conv2\.conv1\b/.test(allPaths) || [...walk(root)].some((n) => n.children.has('conv1') && n.children.has('conv2') && n.tensors.has('alpha'));
 
-  for (const node of walk(root)) {
+  const order = [...walk(root)];
+  const inferred = new Map<ModuleNode, string>();
+  /** Output channels of the nearest module before `n` (in state_dict order) that holds tensors. */
+  function previousOutChannels(n: ModuleNode): number | undefined {
+    const i = order.indexOf(n);
+    for (let j = i - 1; j >= 0; j--) {
+      const m = order[j];
+      if (n.path.startsWith(m.path + '.') || m.path === '') continue; // an ancestor
+      const t = m.tensors.get('running_var') ?? m.tensors.get('weight');
+      if (t && t.shape.length >= 1) return t.shape[0];
+    }
+    return undefined;
+  }
+
+  for (const node of order) {
     if ([...claimed].some((c) => node.path.startsWith(c.path + '.'))) continue;
     let family: FamilyId | undefined;
     try {
@@ -198,9 +215,14 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       else if (id && id.className && /Identity$/.test(id.className)) branches.push({ kind: 'identity' });
       else if (!id && family === 'qarepvgg' && !n.className) {
         // nn.Identity has no tensors, so a bare state_dict cannot show it: QARepVGG has it exactly
-        // when the block keeps its shape (in = out channels); stride 1 is assumed then.
+        // when the block keeps its width (and stride 1, which a state_dict cannot show either). The
+        // input width is read off the layer before the block.
         const w = dense.conv.weight.shape;
-        if (w[0] === w[1] && asBN(c.get('bn'), eps)?.mean.shape[0] === w[0]) branches.push({ kind: 'identity' });
+        const cin = previousOutChannels(n) ?? w[1];
+        if (cin === w[0]) {
+          branches.push({ kind: 'identity' });
+          inferred.set(n, `identity branch inferred (nn.Identity has no tensors): the layer before outputs ${cin} channels = the block's output, stride 1 assumed`);
+        }
       }
       const postBN = family === 'qarepvgg' ? asBN(c.get('bn'), eps) : undefined;
       return { family, branches, postBN };
@@ -243,7 +265,7 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       a.weight.shape[0] === b.weight.shape[0] && a.weight.shape[1] === b.weight.shape[1] && fmt(a.kernel) !== fmt(b.kernel);
     if (c.has('conv1') && c.has('conv2') && repClass(/Rep(Conv|Vgg|VGG)/) !== false) {
       const alpha = n.tensors.get('alpha');
-      const family: FamilyId = alpha || /RepVggBlock$/.test(n.className ?? '') ? 'ppyoloe' : 'ultralytics_repconv';
+      const family: FamilyId = alpha || /RepVggBlock$/.test(n.className ?? '') || (!n.className && ppyoloeHints && !c.has('bn')) ? 'ppyoloe' : 'ultralytics_repconv';
       const eps = epsFor(family);
       const a = asConvBN(c.get('conv1'), eps);
       const b = asConvBN(c.get('conv2'), eps);
@@ -275,7 +297,7 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
     const def = FAMILIES[family];
     const convs = branches.filter((b) => b.conv).map((b) => b.conv!);
     if (!convs.length) throw new Reject('no convolution branch.');
-    const assumptions: string[] = [];
+    const assumptions: string[] = inferred.has(node) ? [inferred.get(node)!] : [];
     const w0 = convs[0].weight;
     const cout = w0.shape[0];
     const cpg = w0.shape[1];
@@ -325,7 +347,7 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       if (b.scale && numelOf(b.scale.shape) !== 1 && numelOf(b.scale.shape) !== cout) throw new Reject(`'alpha' has shape ${fmt(b.scale.shape)}; expected a scalar or one value per channel.`);
     }
     const epsSources = new Set(branches.map((b) => b.bn?.epsSource).filter(Boolean));
-    if (epsSources.has('assumed')) assumptions.push(`BN epsilon ${def.eps} assumed (${def.label} training default; override with --eps)`);
+    if (epsSources.has('assumed')) assumptions.push(`BN epsilon ${def.eps.toExponential(0)} assumed (${def.label} training default; override with --eps)`);
     const kernel = w0.shape.slice(2).map((_, i) => Math.max(...convs.map((cv) => cv.kernel[i])));
     const foldPost = postBN && !def.keepPostBN;
     const branchInfos: BranchInfo[] = branches.map((b) => ({

@@ -1,0 +1,427 @@
+// The checkpoint engine: open a .pt/.pth/.ckpt (zip, legacy, full-module pickles) or .safetensors,
+// find where the weights are, detect blocks, and write what the deploy model loads: a fused
+// state_dict (.pt / .safetensors), or the checkpoint itself with its blocks switched to deploy form.
+import * as path from 'node:path';
+import { blockDataFromSpec } from '../blockdata';
+import { FileSource } from '../bytes';
+import { DType, decodeNumbers, dtypeName, dtypeSize, encodeFloats, isFloatType, type NumArray } from '../dtype';
+import { RepFuseError } from '../errors';
+import { prepareFusion, type PreparedFusion } from '../fusion';
+import { checkFinite, streamFusedWeight } from '../fusestream';
+import type { BlockData, InspectReport, ModelSummary } from '../model';
+import { looksLikeSafetensors, readSafetensors, type SafetensorsFile, writeSafetensors } from '../safetensors';
+import { openTorch, type TorchFile } from '../torch/load';
+import { NewTensor, readTensor, TorchTensor } from '../torch/tensor';
+import { PyDict, PyObject, PyTuple, type PyValue } from '../torch/values';
+import { writeTorchZip } from '../torch/save';
+import { type CkptBlock, type CkptDetection, detectCheckpoint, FAMILIES } from './detect';
+import { ckptBlockSpec } from './fuse';
+import { type CkptTensor, child, keysUnder, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
+
+export { FAMILIES } from './detect';
+
+export interface CheckpointOptions {
+  /** Overrides every BN epsilon (bare state_dicts whose family default does not apply). */
+  eps?: number;
+}
+
+/** One set of weights found in the file: a state_dict or an nn.Module object. */
+export interface WeightSet {
+  /** Where it was found: '' (the root), 'model', 'ema', 'state_dict', … */
+  entry: string;
+  kind: 'state_dict' | 'module';
+  /** Prefix stripped from the keys (`module.` from DataParallel), or ''. */
+  prefix: string;
+  /** Keys (after stripping) → tensors, in the file's order. */
+  tensors: Map<string, TorchTensor>;
+  tree: ModuleNode;
+  detection: CkptDetection;
+  /** The module object (kind 'module'). */
+  module?: PyObject;
+  className?: string;
+}
+
+export interface CheckpointAnalysis {
+  path: string;
+  format: 'pytorch' | 'safetensors';
+  torch?: TorchFile;
+  safetensors?: SafetensorsFile;
+  /** The weights RepFuse inspects and validates (EMA preferred, as YOLO loaders do). */
+  primary: WeightSet;
+  /** Every module object in the checkpoint (model and ema): all are rewritten with --keep-modules. */
+  modules: WeightSet[];
+  report: InspectReport;
+  close(): void;
+}
+
+const ENTRY_ORDER = ['ema', 'model', 'state_dict', 'model_state_dict', 'module', 'net', 'params', 'weights'];
+
+function isModule(v: PyValue | undefined): v is PyObject {
+  return v instanceof PyObject && v.state instanceof PyDict && v.state.get('_modules') instanceof PyDict && v.state.get('_parameters') instanceof PyDict;
+}
+
+function tensorDict(v: PyValue | undefined): PyDict | undefined {
+  if (!(v instanceof PyDict) || v.size === 0) return undefined;
+  let tensors = 0;
+  for (const [k, x] of v) {
+    if (typeof k !== 'string') return undefined;
+    if (x instanceof TorchTensor) tensors++;
+  }
+  return tensors > 0 && tensors >= v.size / 2 ? v : undefined;
+}
+
+function asTuple(v: PyValue | undefined): unknown {
+  if (v instanceof PyTuple) return v.items.map((x) => (typeof x === 'number' ? x : x));
+  return v;
+}
+
+function ckptTensor(key: string, t: TorchTensor): CkptTensor {
+  return { key, dtype: t.dtype, shape: t.shape, read: () => readTensor(t) };
+}
+
+/** Walks an nn.Module object like state_dict(): parameters, persistent buffers, then children. */
+function moduleTree(obj: PyObject, tensors: Map<string, TorchTensor>): ModuleNode {
+  const root = newNode('', '');
+  const seen = new Set<PyObject>();
+  const visit = (o: PyObject, node: ModuleNode) => {
+    if (seen.has(o)) return;
+    seen.add(o);
+    node.className = o.className;
+    const st = o.state as PyDict;
+    const nonPersistent = new Set<string>();
+    const np = st.get('_non_persistent_buffers_set');
+    if (np && typeof np === 'object' && 'items' in np) for (const x of (np as { items: PyValue[] }).items) if (typeof x === 'string') nonPersistent.add(x);
+    for (const field of ['_parameters', '_buffers']) {
+      const d = st.get(field);
+      if (!(d instanceof PyDict)) continue;
+      for (const [k, v] of d) {
+        if (typeof k !== 'string' || !(v instanceof TorchTensor) || (field === '_buffers' && nonPersistent.has(k))) continue;
+        const key = node.path ? `${node.path}.${k}` : k;
+        tensors.set(key, v);
+        node.tensors.set(k, ckptTensor(key, v));
+      }
+    }
+    for (const [k, v] of st) {
+      if (typeof k !== 'string' || k.startsWith('_')) continue;
+      if (v === null || typeof v === 'number' || typeof v === 'boolean' || typeof v === 'string' || v instanceof PyTuple) node.attrs.set(k, asTuple(v));
+    }
+    const mods = st.get('_modules');
+    if (mods instanceof PyDict) {
+      for (const [k, v] of mods) {
+        if (typeof k === 'string' && isModule(v)) visit(v, child(node, k));
+      }
+    }
+  };
+  visit(obj, root);
+  return root;
+}
+
+function fromStateDict(entry: string, d: PyDict | Map<string, TorchTensor>, opts: CheckpointOptions): WeightSet {
+  const all = new Map<string, TorchTensor>();
+  for (const [k, v] of d) if (typeof k === 'string' && v instanceof TorchTensor) all.set(k, v);
+  const keys = [...all.keys()];
+  const prefix = keys.length && keys.every((k) => k.startsWith('module.')) ? 'module.' : '';
+  const tensors = new Map<string, TorchTensor>();
+  for (const [k, v] of all) tensors.set(k.slice(prefix.length), v);
+  const tree = treeFromStateDict([...tensors].map(([k, t]) => ckptTensor(k, t)));
+  return { entry, kind: 'state_dict', prefix, tensors, tree, detection: detectCheckpoint(tree, opts) };
+}
+
+function fromModule(entry: string, obj: PyObject, opts: CheckpointOptions): WeightSet {
+  const tensors = new Map<string, TorchTensor>();
+  const tree = moduleTree(obj, tensors);
+  return { entry, kind: 'module', prefix: '', tensors, tree, detection: detectCheckpoint(tree, opts), module: obj, className: obj.className };
+}
+
+/** Finds the weights in a torch.load result. */
+function locate(root: PyValue, file: string, opts: CheckpointOptions): { primary: WeightSet; modules: WeightSet[] } {
+  if (isModule(root)) {
+    const w = fromModule('', root, opts);
+    return { primary: w, modules: [w] };
+  }
+  const sd = tensorDict(root);
+  if (sd) {
+    const w = fromStateDict('', sd, opts);
+    return { primary: w, modules: [] };
+  }
+  if (root instanceof PyDict) {
+    const modules: WeightSet[] = [];
+    let primary: WeightSet | undefined;
+    for (const name of ENTRY_ORDER) {
+      const v = root.get(name);
+      if (isModule(v)) {
+        const w = fromModule(name, v, opts);
+        modules.push(w);
+        primary ??= w;
+      }
+    }
+    if (!primary) {
+      for (const name of ENTRY_ORDER) {
+        const d = tensorDict(root.get(name));
+        if (d) {
+          primary = fromStateDict(name, d, opts);
+          break;
+        }
+      }
+    }
+    if (primary) return { primary, modules };
+    const keys = root.keys().filter((k): k is string => typeof k === 'string');
+    throw new RepFuseError(`found no weights: the checkpoint is a dict with keys ${keys.slice(0, 12).map((k) => `'${k}'`).join(', ')}${keys.length > 12 ? ', …' : ''} but none of ${ENTRY_ORDER.map((k) => `'${k}'`).join(', ')} holds a module or a state_dict.`, file);
+  }
+  throw new RepFuseError(`found no weights: the file holds ${root instanceof PyObject ? `a ${root.className} object` : typeof root}, not a module, a state_dict or a checkpoint dict.`, file);
+}
+
+function summarize(a: Omit<CheckpointAnalysis, 'report' | 'close'>, fileSize: number): ModelSummary {
+  const w = a.primary;
+  const dtypes: Record<string, number> = {};
+  let params = 0;
+  let bytes = 0;
+  for (const t of w.tensors.values()) {
+    const n = numelOf(t.shape);
+    params += n;
+    bytes += n * (dtypeSize(t.dtype) ?? 0);
+    dtypes[dtypeName(t.dtype)] = (dtypes[dtypeName(t.dtype)] ?? 0) + n;
+  }
+  const where = w.entry ? `'${w.entry}' entry` : 'the root';
+  const what = w.kind === 'module' ? `full-module pickle (${w.className})` : 'state_dict';
+  const fmt = a.format === 'safetensors' ? 'safetensors' : `torch ${a.torch!.format}${a.torch!.format === 'zip' ? '' : ' format'}`;
+  const notes: string[] = [];
+  if (w.prefix) notes.push(`keys carry the '${w.prefix}' prefix (DataParallel); it is stripped in the output`);
+  if (a.modules.length > 1) notes.push(`${a.modules.map((m) => `'${m.entry}'`).join(' and ')} hold modules; inspected: '${w.entry}' (as YOLO loaders prefer EMA weights)`);
+  if (w.kind === 'state_dict') notes.push('a state_dict has no graph: families are recognised by module names; stride, padding and groups are inferred (see each block)');
+  for (const x of a.torch?.warnings ?? []) notes.push(x);
+  return {
+    format: a.format,
+    path: a.path,
+    fileSize,
+    layout: `${fmt} · ${what} in ${where}`,
+    paramCount: params,
+    paramBytes: bytes,
+    dtypes,
+    notes,
+  };
+}
+
+export function isCheckpointPath(file: string): boolean {
+  return ['.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.pkl', '.tar'].includes(path.extname(file).toLowerCase());
+}
+
+/** Opens and analyzes a checkpoint. The caller must close() it. */
+export function analyzeCheckpoint(file: string, opts: CheckpointOptions = {}): CheckpointAnalysis {
+  const src = new FileSource(file);
+  let torch: TorchFile | undefined;
+  let st: SafetensorsFile | undefined;
+  try {
+    let located: { primary: WeightSet; modules: WeightSet[] };
+    if (looksLikeSafetensors(src)) {
+      st = readSafetensors(src);
+      located = { primary: fromStateDict('', st.tensors, opts), modules: [] };
+    } else {
+      torch = openTorch(src);
+      located = locate(torch.root, file, opts);
+    }
+    const base = { path: file, format: st ? ('safetensors' as const) : ('pytorch' as const), torch, safetensors: st, ...located };
+    const w = located.primary;
+    const paramsRemoved = w.detection.blocks.reduce((acc, b) => acc + b.info.paramsBefore - b.info.paramsAfter, 0);
+    const summary = summarize(base, src.size);
+    const report: InspectReport = {
+      model: summary,
+      blocks: w.detection.blocks.map((b) => b.info),
+      rejected: w.detection.rejected,
+      folds: [],
+      notFolded: [],
+      paramCountAfter: summary.paramCount - paramsRemoved,
+    };
+    return { ...base, report, close: () => src.close() };
+  } catch (err) {
+    src.close();
+    throw err;
+  }
+}
+
+/** Branch numbers of one block, for the statistics view. */
+export function checkpointBlockData(a: CheckpointAnalysis, blockName: string): BlockData {
+  const b = a.primary.detection.blocks.find((x) => x.info.name === blockName);
+  if (!b) throw new RepFuseError(`no block named '${blockName}'.`, a.path);
+  return blockDataFromSpec(b.info, ckptBlockSpec(b));
+}
+
+// ----- writing ----------------------------------------------------------------------------------
+
+export interface CheckpointWriteOptions {
+  /** Convert every float tensor to this dtype (default: keep each tensor's own). */
+  dtype?: DType;
+  /** Rewrite the checkpoint with its module objects in deploy form instead of writing a state_dict. */
+  keepModules?: boolean;
+  signal?: AbortSignal;
+}
+
+export interface CheckpointWriteResult {
+  path: string;
+  bytes: number;
+  /** What was written, in words. */
+  layout: string;
+}
+
+/** The fused weight and bias of a block as lazily produced tensors in `dtype`. */
+export function fusedTensors(block: CkptBlock, dtype: DType, asParameter = false): { weight: NewTensor; bias: NewTensor } {
+  let prep: PreparedFusion | undefined;
+  const prepared = () => (prep ??= prepareFusion(ckptBlockSpec(block)));
+  const shape = [block.outChannels, block.inPerGroup, ...block.kernel];
+  const weight = new NewTensor(dtype, shape, () => {
+    const out = new Uint8Array(numelOf(shape) * dtypeSize(dtype)!);
+    let pos = 0;
+    streamFusedWeight(prepared(), dtype, (c) => {
+      out.set(c, pos);
+      pos += c.length;
+    });
+    return out;
+  }, asParameter, asParameter);
+  const bias = new NewTensor(dtype, [block.outChannels], () => {
+    const p = prepared();
+    checkFinite(p.bias, `${p.spec.name}: the fused bias`);
+    const b = encodeFloats(p.bias, dtype);
+    prep = undefined;
+    return b;
+  }, asParameter, asParameter);
+  return { weight, bias };
+}
+
+function convertDtype(t: TorchTensor, dtype: DType | undefined): TorchTensor | NewTensor {
+  if (dtype === undefined || t.dtype === dtype || !isFloatType(t.dtype)) return t;
+  return new NewTensor(dtype, t.shape, () => encodeFloats(Float64Array.from(readTensor(t) as ArrayLike<number>), dtype));
+}
+
+/** The fused state_dict: each block's keys replaced by the family's deploy keys, in place. */
+export function fusedStateDict(w: WeightSet, dtype?: DType): Map<string, TorchTensor | NewTensor> {
+  const byFirstKey = new Map<string, CkptBlock>();
+  const removed = new Set<string>();
+  for (const b of w.detection.blocks) {
+    const def = FAMILIES[b.family];
+    const keys = def.remove.flatMap((name) => {
+      const c = b.node.children.get(name);
+      return c ? keysUnder(c) : [];
+    });
+    // Own tensors the deploy form drops (PP-YOLOE's alpha).
+    for (const name of def.setNone ?? []) {
+      const t = b.node.tensors.get(name);
+      if (t) keys.push(t.key);
+    }
+    if (!keys.length) continue;
+    for (const k of keys) removed.add(k);
+    const first = [...w.tensors.keys()].find((k) => keys.includes(k))!;
+    byFirstKey.set(first, b);
+  }
+  const out = new Map<string, TorchTensor | NewTensor>();
+  for (const [k, t] of w.tensors) {
+    const b = byFirstKey.get(k);
+    if (b) {
+      const wd = b.branches.find((x) => x.conv)!.conv!.weight.dtype;
+      const { weight, bias } = fusedTensors(b, dtype ?? wd);
+      const base = `${b.node.path}.${FAMILIES[b.family].deployName}`;
+      out.set(`${base}.weight`, weight);
+      out.set(`${base}.bias`, bias);
+    }
+    if (!removed.has(k)) out.set(k, convertDtype(t, dtype));
+  }
+  return out;
+}
+
+function shallowClone(d: PyDict): PyDict {
+  const c = new PyDict(d.ordered);
+  for (const [k, v] of d) c.set(k, v instanceof PyDict && v.size === 0 ? new PyDict(v.ordered) : v);
+  return c;
+}
+
+/** Switches one block's module object to its family's deploy form, in place. */
+function deployModule(block: CkptBlock, obj: PyObject, dtype?: DType): void {
+  const def = FAMILIES[block.family];
+  const st = obj.state as PyDict;
+  const mods = st.get('_modules') as PyDict;
+  const params = st.get('_parameters') as PyDict;
+  const templateNode = block.branches.find((b) => b.conv)!.conv!.node;
+  const template = findModule(obj, block.node, templateNode);
+  if (!template) throw new RepFuseError(`cannot find the conv module '${templateNode.path}' to model the fused conv on.`);
+  const tst = template.state as PyDict;
+  const wd = dtype ?? block.branches.find((b) => b.conv)!.conv!.weight.dtype;
+  const { weight, bias } = fusedTensors(block, wd, true);
+  const convState = shallowClone(tst);
+  const p = new PyDict(true);
+  p.set('weight', weight);
+  p.set('bias', bias);
+  convState.set('_parameters', p);
+  convState.set('_buffers', new PyDict(true));
+  convState.set('_modules', new PyDict(true));
+  const tuple = (xs: number[]) => new PyTuple(xs);
+  convState.set('kernel_size', tuple(block.kernel));
+  convState.set('padding', tuple(block.kernel.map((k) => (k - 1) / 2)));
+  convState.set('in_channels', block.info.inChannels);
+  convState.set('out_channels', block.outChannels);
+  convState.set('groups', block.groups);
+  const conv = new PyObject(template.module, template.name, template.how, template.args, template.kwargs);
+  conv.state = convState;
+  for (const name of def.remove) {
+    mods.delete(name);
+    st.delete(name);
+  }
+  mods.set(def.deployName, conv);
+  for (const [k, v] of Object.entries(def.setAttrs ?? {})) st.set(k, v as PyValue);
+  for (const name of def.setNone ?? []) {
+    if (params.has(name) || params.keys().includes(name)) params.set(name, null);
+    else st.set(name, null);
+  }
+}
+
+/** The PyObject of `target` (a node under `blockNode`), found by walking `_modules` from the block object. */
+function findModule(blockObj: PyObject, blockNode: ModuleNode, target: ModuleNode): PyObject | undefined {
+  const rel = target.path.slice(blockNode.path.length).split('.').filter(Boolean);
+  let o: PyValue | undefined = blockObj;
+  for (const name of rel) {
+    if (!isModule(o)) return undefined;
+    o = ((o.state as PyDict).get('_modules') as PyDict).get(name);
+  }
+  return isModule(o) ? o : undefined;
+}
+
+function moduleAt(root: PyObject, p: string): PyObject | undefined {
+  let o: PyValue | undefined = root;
+  for (const name of p.split('.').filter(Boolean)) {
+    if (!isModule(o)) return undefined;
+    o = ((o.state as PyDict).get('_modules') as PyDict).get(name);
+  }
+  return isModule(o) ? o : undefined;
+}
+
+export async function writeCheckpoint(a: CheckpointAnalysis, out: string, opts: CheckpointWriteOptions = {}): Promise<CheckpointWriteResult> {
+  const ext = path.extname(out).toLowerCase();
+  if (path.resolve(out) === path.resolve(a.path)) throw new RepFuseError('refusing to overwrite the input checkpoint.', out);
+  if (ext === '.safetensors') {
+    if (opts.keepModules) throw new RepFuseError('--keep-modules writes a .pt checkpoint, not .safetensors.', out);
+    const sd = fusedStateDict(a.primary, opts.dtype);
+    const res = await writeSafetensors(out, sd, { metadata: { format: 'pt', producer: 'repfuse' }, signal: opts.signal });
+    return { path: res.path, bytes: res.bytes, layout: `safetensors, ${sd.size} tensors` };
+  }
+  if (!['.pt', '.pth', '.ckpt', '.bin'].includes(ext)) throw new RepFuseError(`cannot write '${ext || '(no extension)'}'; use .pt, .pth or .safetensors.`, out);
+  if (opts.keepModules) {
+    if (!a.modules.length || !a.torch) throw new RepFuseError('--keep-modules needs a checkpoint that holds module objects (a full-module pickle); this one holds a state_dict.', a.path);
+    for (const w of a.modules) {
+      for (const b of w.detection.blocks) {
+        const obj = moduleAt(w.module!, b.node.path);
+        if (!obj) throw new RepFuseError(`cannot find module '${b.node.path}' in '${w.entry}'.`, a.path);
+        deployModule(b, obj, opts.dtype);
+      }
+    }
+    const res = await writeTorchZip(out, a.torch.root, { archiveName: a.torch.archiveRoot, signal: opts.signal });
+    return { path: res.path, bytes: res.bytes, layout: `checkpoint with ${a.modules.map((m) => `'${m.entry || 'root'}'`).join(', ')} in deploy form` };
+  }
+  const sd = fusedStateDict(a.primary, opts.dtype);
+  const root = new PyDict(true);
+  for (const [k, v] of sd) root.set(k, v);
+  const res = await writeTorchZip(out, root, { archiveName: path.basename(out, ext).replace(/[^A-Za-z0-9_.-]/g, '_') || 'archive', signal: opts.signal });
+  return { path: res.path, bytes: res.bytes, layout: `state_dict, ${sd.size} tensors` };
+}
+
+/** Values of a fused block as written (rounded to the file's dtype), for validation. */
+export function writtenValues(values: Float64Array, dtype: DType): NumArray {
+  return dtype === DType.float64 ? values : decodeNumbers(encodeFloats(values, dtype), dtype);
+}
