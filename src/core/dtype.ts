@@ -1,4 +1,5 @@
 // Element types shared by every format, and exact conversions between them and float64.
+import { FormatError } from './errors';
 
 /** Element types RepFuse knows by name. Values are ONNX TensorProto.DataType codes. */
 export enum DType {
@@ -119,8 +120,8 @@ export type NumArray = Float32Array | Float64Array | Int32Array | Uint8Array | I
  */
 export function decodeNumbers(bytes: Uint8Array, dtype: number, file?: string): NumArray {
   const size = dtypeSize(dtype);
-  if (!size) throw new Error(`${file ? file + ': ' : ''}cannot read numbers of type ${dtypeName(dtype)}.`);
-  if (bytes.length % size !== 0) throw new Error(`${file ? file + ': ' : ''}${bytes.length} bytes is not a whole number of ${dtypeName(dtype)} elements.`);
+  if (!size) throw new FormatError(`cannot read numbers of type ${dtypeName(dtype)}.`, file);
+  if (bytes.length % size !== 0) throw new FormatError(`${bytes.length} bytes is not a whole number of ${dtypeName(dtype)} elements.`, file);
   const n = bytes.length / size;
   const aligned = bytes.byteOffset % 8 === 0 ? bytes : bytes.slice();
   const buf = aligned.buffer;
@@ -163,7 +164,7 @@ export function decodeNumbers(bytes: Uint8Array, dtype: number, file?: string): 
       return out;
     }
     default:
-      throw new Error(`${file ? file + ': ' : ''}cannot read numbers of type ${dtypeName(dtype)}.`);
+      throw new FormatError(`cannot read numbers of type ${dtypeName(dtype)}.`, file);
   }
 }
 

@@ -5,7 +5,7 @@ export interface TensorDiff {
   name: string;
   shape: number[];
   maxAbsDiff: number;
-  /** max over elements of |Δ| / max(|y|, atol): relative error, with tiny values judged absolutely. */
+  /** max over elements of |Δ| / max(|y|, atol, 1e-12): relative error, tiny values judged absolutely. */
   maxRelDiff: number;
   meanAbsDiff: number;
   /** Multi-index of the element with the largest |Δ|. */

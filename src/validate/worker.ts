@@ -150,7 +150,7 @@ export function compare(name: string, a: { shape: number[]; values: Float64Array
       maxAbs = d;
       worst = i;
     }
-    const rel = d / Math.max(ar, atol);
+    const rel = d / Math.max(ar, atol, 1e-12);
     if (rel > maxRel) maxRel = rel;
   }
   const tolerance = atol + rtol * maxRef;

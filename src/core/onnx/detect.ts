@@ -142,6 +142,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     const c = (i: number, what: string) => {
       const r = index.constant(n.inputs[i]);
       if (!r) throw new Reject(`${what} of ${label(n)} is computed at run time, not a constant.`);
+      if (!isFloatType(r.tensor.dtype)) throw new Reject(`${what} of ${label(n)} is ${dtypeName(r.tensor.dtype)}, not a float.`);
       return r;
     };
     return { node: n, scale: c(1, 'scale'), bias: c(2, 'bias'), mean: c(3, 'running mean'), variance: c(4, 'running variance'), eps: attrFloat(n, 'epsilon', 1e-5) };
@@ -239,7 +240,12 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     return { kernel, stride, groups, outChannels: w[0], inPerGroup: w[1] };
   }
 
-  function convLeaf(conv: OnnxNode): ConvLeaf {
+  /**
+   * A Conv whose weight (and bias) are constants. `forFold`: a standalone Conv → BN fold keeps the
+   * Conv's own attributes, so the geometry limits of multi-branch fusion (centred pads, dilation 1,
+   * odd kernels) do not apply.
+   */
+  function convLeaf(conv: OnnxNode, forFold = false): ConvLeaf {
     const weight = index.constant(conv.inputs[1]);
     if (!weight) throw new Reject(`weight of ${label(conv)} is computed at run time, not a constant.`);
     let bias: ConstRef | undefined;
@@ -248,6 +254,12 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
       if (!bias) throw new Reject(`bias of ${label(conv)} is computed at run time, not a constant.`);
     }
     if (!isFloatType(weight.tensor.dtype)) throw new Reject(`weight of ${label(conv)} is ${dtypeName(weight.tensor.dtype)}; only float weights can be fused.`);
+    if (bias && !isFloatType(bias.tensor.dtype)) throw new Reject(`bias of ${label(conv)} is ${dtypeName(bias.tensor.dtype)}; only float biases can be fused.`);
+    if (forFold) {
+      const w = weight.tensor.dims;
+      if (w.length < 3) throw new Reject(`weight of ${label(conv)} has shape ${fmtK(w)}; expected [out, in/groups, ...kernel].`);
+      return { kind: 'conv', conv, weight, bias, kernel: w.slice(2), stride: attrInts(conv, 'strides') ?? w.slice(2).map(() => 1), groups: attrInt(conv, 'group', 1) };
+    }
     const g = geometry(conv, weight);
     return { kind: 'conv', conv, weight, bias, kernel: g.kernel, stride: g.stride, groups: g.groups };
   }
@@ -325,6 +337,12 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     if (convs.length === 0) throw new Reject('no convolution branch.');
     const first = convs[0];
     const g0 = geometry(first.conv, first.weight);
+    // A zero of higher rank than the output would broadcast it to a new shape: not a no-op.
+    for (const z of zeros) {
+      if (z.tensor.dims.length > 2 + g0.kernel.length || numelOf(z.tensor.dims) !== 1) {
+        throw new Reject(`the constant zero added to the sum has shape ${fmtK(z.tensor.dims) || 'scalar'}, which would change the output shape.`);
+      }
+    }
     for (const l of convs.slice(1)) {
       const g = geometry(l.conv, l.weight);
       if (fmtK(g.stride) !== fmtK(g0.stride)) throw new Reject(`branches have different strides (${fmtK(g0.stride)} in ${label(first.conv)}, ${fmtK(g.stride)} in ${label(l.conv)}).`);
@@ -419,9 +437,11 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     const d = f.tensor.dims;
     const n = numelOf(d);
     if (!isFloatType(f.tensor.dtype)) throw new Reject(`factor of ${label(mul)} is ${dtypeName(f.tensor.dtype)}, not a float.`);
+    // A factor of higher rank than the output would broadcast the output to a new shape.
+    const outRank = 2 + spatialRank;
+    if (d.length > outRank) throw new Reject(`factor of ${label(mul)} has rank ${d.length}, more than the branch output's ${outRank}: it would change the output shape.`);
     if (n === 1) return;
     // Per-channel: broadcast against [N, C, ...spatial] must touch only the channel axis.
-    const outRank = 2 + spatialRank;
     const ok = n === cout && d.length <= outRank && d.length >= outRank - 1 && d.every((v, i) => (outRank - d.length + i === 1 ? v === cout : v === 1));
     if (!ok) throw new Reject(`factor of ${label(mul)} has shape ${fmtK(d)}; only a scalar or a per-channel factor can be folded.`);
   }
@@ -439,21 +459,23 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
 
   // Roots: Add/Sum nodes that are not an inner node of a larger tree.
   const roots = nodes.filter((n) => isAddLike(n) && !isInner(n));
-  const visit = (root: OnnxNode): boolean => {
+  /** `report`: list a rejection of this tree (off inside a tree that is itself rejected). */
+  const visit = (root: OnnxNode, report = true): boolean => {
     const res = analyze(root);
     if (res && typeof res === 'object' && 'info' in res) {
       for (const n of res.nodes) claimed.add(n);
       det.blocks.push(res);
       return true;
     }
+    const rejected = res && res !== 'residual' ? res : undefined;
     // A tree that mixes inputs may still contain a fusable subtree (e.g. rep(x) + shortcut(z)).
     let any = false;
     for (const i of root.inputs) {
       const p = index.producer.get(i);
-      if (isAddLike(p) && index.usedOnlyBy(i, root)) any = visit(p) || any;
+      if (isAddLike(p) && index.usedOnlyBy(i, root)) any = visit(p, report && !rejected) || any;
     }
     if (!any && res === 'residual') det.residuals++;
-    else if (!any && res && res !== 'residual') det.rejected.push(res);
+    else if (!any && rejected && report) det.rejected.push(rejected);
     return any;
   };
   for (const r of roots) visit(r);
@@ -468,7 +490,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
       const name = commonScopeName([conv.name, n.name]) ?? n.outputs[0];
       try {
         if (!index.usedOnlyBy(conv.outputs[0], n)) throw new Reject(`output of ${label(conv)} is also used by ${index.otherUses(conv.outputs[0], n)}.`);
-        const leaf = convLeaf(conv);
+        const leaf = convLeaf(conv, true);
         const bn = bnRef(n);
         checkBNChannels(bn, leaf.weight.tensor.dims[0]);
         det.folds.push({
@@ -487,7 +509,6 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
         claimed.add(n);
       } catch (err) {
         if (!(err instanceof Reject)) throw err;
-        // Geometry limits (pads, dilation) do not matter for a single conv; only these do.
         det.notFolded.push({ name, reason: err.message, parts: [conv.name, n.name] });
       }
     }

@@ -75,11 +75,11 @@ export class GraphIndex {
     const p = this.producer.get(name);
     if (init && !p) return { tensor: init, initializer: name, via: [] };
     if (!p) return undefined;
-    if (p.opType === 'Identity' && p.domain === '') {
+    if (p.opType === 'Identity' && (p.domain === '' || p.domain === 'ai.onnx')) {
       const inner = this.constant(p.inputs[0]);
       return inner ? { ...inner, via: [...inner.via, p] } : undefined;
     }
-    if (p.opType === 'Constant' && p.domain === '') {
+    if (p.opType === 'Constant' && (p.domain === '' || p.domain === 'ai.onnx')) {
       const t = constantNodeTensor(p, name, this.model.path);
       return t ? { tensor: t, via: [p] } : undefined;
     }

@@ -1,6 +1,7 @@
 // ONNX reader: walks ModelProto/GraphProto at the wire level over a ByteSource. Nodes and value
 // infos are decoded (they are small); initializers are indexed, not read: their data stays a lazy
 // view (offset + length) into the model file or its external-data file.
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { onnx } from 'onnx-proto';
 import { type ByteSource, FileSource } from '../bytes';
@@ -91,17 +92,30 @@ export class ExternalFiles {
       throw new FormatError(`external data location ${JSON.stringify(location)} is an absolute path; only files inside the model's folder are read.`, this.modelPath);
     }
     const full = path.resolve(this.dir, location);
-    const rel = path.relative(this.dir, full);
-    if (rel === '' || rel.startsWith('..') || path.isAbsolute(rel)) {
-      throw new FormatError(`external data location ${JSON.stringify(location)} escapes the model's folder; refused.`, this.modelPath);
-    }
+    if (!inside(this.dir, full)) throw new FormatError(`external data location ${JSON.stringify(location)} escapes the model's folder; refused.`, this.modelPath);
+    this.checkLink(full);
     return full;
   }
 
+  /** A link inside the folder must not lead outside it (checked when the file exists). */
+  private checkLink(full: string): string | undefined {
+    let real: string;
+    try {
+      real = fs.realpathSync(full);
+    } catch {
+      return undefined; // missing: reported when read
+    }
+    if (!inside(fs.realpathSync(this.dir), real)) throw new FormatError(`external data ${path.basename(full)} is a link to a file outside the model's folder; refused.`, this.modelPath);
+    return real;
+  }
+
+  /** Opens an external file after resolving links: a symlink must not lead outside the folder. */
   source(file: string): ByteSource {
     let src = this.open.get(file);
     if (!src) {
-      src = new FileSource(file); // refuses devices, FIFOs and folders: only regular files
+      const real = this.checkLink(file);
+      if (!real) throw new FormatError(`cannot open external data ${path.basename(file)}: no such file.`, this.modelPath);
+      src = new FileSource(real); // refuses devices, FIFOs and folders: only regular files
       this.open.set(file, src);
     }
     return src;
@@ -111,6 +125,12 @@ export class ExternalFiles {
     for (const s of this.open.values()) s.close();
     this.open.clear();
   }
+}
+
+/** Whether `p` lies strictly inside folder `dir` (both absolute). `..name` files are inside. */
+export function inside(dir: string, p: string): boolean {
+  const rel = path.relative(dir, p);
+  return rel !== '' && rel !== '..' && !rel.startsWith('..' + path.sep) && !path.isAbsolute(rel);
 }
 
 function toNumber(v: unknown): number {
@@ -256,6 +276,7 @@ export function scanTensor(src: ByteSource, f: WireField, external: ExternalFile
   for (const d of dims) {
     if (!Number.isSafeInteger(d) || d < 0) throw new FormatError(`tensor '${name}' has an invalid dimension ${d}.`, src.name);
   }
+  if (dtype === 0) throw new FormatError(`tensor '${name}' has an undefined data type (0).`, src.name);
   const numel = dims.reduce((a, b) => a * b, 1);
   const esize = dtypeSize(dtype);
   const tensor: OnnxTensor = { name, dtype, dims, storage: { kind: 'values', values: [] }, span: { start: f.valueStart, end: f.end } };

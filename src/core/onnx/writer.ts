@@ -313,6 +313,11 @@ export interface WriteResult {
 export async function writeOnnx(model: OnnxModel, plan: Plan, outPath: string, opts: WriteOptions = {}): Promise<WriteResult> {
   const target = path.resolve(outPath);
   if (target === path.resolve(model.path)) throw new RepFuseError('refusing to overwrite the input model.', outPath);
+  for (const t of model.graph.initializers.values()) {
+    if (t.storage.kind === 'external' && path.resolve(t.storage.file) === target) {
+      throw new RepFuseError(`refusing to overwrite ${path.basename(target)}: it holds the input model's external data.`, outPath);
+    }
+  }
   const external = wantsExternal(model, plan, opts);
   let data: { layout: Layout; location: string; path: string } | undefined;
   if (external) {
