@@ -17,6 +17,7 @@ import { encodeTorchZip, writeTorchZip } from '../src/core/torch/save';
 import { NewTensor, newTensor, readTensor, readTensorBytes, TorchStorage, TorchTensor } from '../src/core/torch/tensor';
 import {
   NdArray,
+  NumpyScalar,
   NumpyDType,
   PyComplex,
   PyDict,
@@ -265,7 +266,11 @@ describe('pickle opcodes', () => {
         'c', '_codecs\nencode\n', 'X', u32le(Buffer.from(half.toString('latin1'), 'utf8').length), Buffer.from(half.toString('latin1'), 'utf8'),
         'X', u32le(6), 'latin1', 0x86, 'R', 0x86, 'R', '.'),
     );
-    assert.equal(sc, 0.5);
+    // Kept as a numpy scalar (so a rewritten checkpoint still holds one), with its value readable.
+    assert.ok(sc instanceof NumpyScalar && sc.dtype.descr === 'f8' && sc.module === 'numpy.core.multiarray');
+    assert.equal(pyNumber(sc), 0.5);
+    assert.equal(Buffer.from(pickle(sc)).indexOf('numpy.core.multiarray\nscalar'), 3);
+    assert.deepEqual(unpickle(pickle(sc)).value, sc);
     // torch.device stays an inert object and is not reported.
     const r = unpickle(pk(P2, 'c', 'torch\ndevice\n', 'X', u32le(3), 'cpu', 0x85, 'R', '.'));
     assert.ok(r.value instanceof PyObject && r.value.qualname === 'torch.device');

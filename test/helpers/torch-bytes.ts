@@ -4,6 +4,7 @@ import * as zlib from 'node:zlib';
 import { crc32 } from '../../src/core/torch/zip';
 import {
   NdArray,
+  NumpyScalar,
   NumpyDType,
   PyComplex,
   PyDict,
@@ -220,6 +221,10 @@ export function pyDiff(a: PyValue | undefined, b: PyValue | undefined): string |
     } else if (x instanceof NumpyDType) {
       const yd = y as NumpyDType;
       if (x.descr !== yd.descr || x.byteorder !== yd.byteorder) return fail(p, 'numpy dtype');
+    } else if (x instanceof NumpyScalar) {
+      const yn = y as NumpyScalar;
+      if (!Buffer.from(x.data).equals(Buffer.from(yn.data)) || x.module !== yn.module) return fail(p, 'numpy scalar differs');
+      kids.push([x.dtype, yn.dtype, `${p}.dtype`], [x.value, yn.value, `${p}.value`]);
     } else if (x instanceof NdArray) {
       const yn = y as NdArray;
       if (x.shape.join() !== yn.shape.join() || x.fortran !== yn.fortran) return fail(p, 'ndarray shape');

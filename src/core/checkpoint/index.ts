@@ -12,7 +12,7 @@ import type { BlockData, InspectReport, ModelSummary } from '../model';
 import { looksLikeSafetensors, readSafetensors, type SafetensorsFile, writeSafetensors } from '../safetensors';
 import { openTorch, type TorchFile } from '../torch/load';
 import { NewTensor, readTensor, TorchTensor } from '../torch/tensor';
-import { PyDict, PyObject, PyTuple, type PyValue } from '../torch/values';
+import { PyDict, PyObject, PyTuple, type PyValue, pyNumber } from '../torch/values';
 import { writeTorchZip } from '../torch/save';
 import { type CkptBlock, type CkptDetection, detectCheckpoint, FAMILIES } from './detect';
 import { ckptBlockSpec } from './fuse';
@@ -70,9 +70,10 @@ function tensorDict(v: PyValue | undefined): PyDict | undefined {
   return tensors > 0 && tensors >= v.size / 2 ? v : undefined;
 }
 
-function asTuple(v: PyValue | undefined): unknown {
-  if (v instanceof PyTuple) return v.items.map((x) => (typeof x === 'number' ? x : x));
-  return v;
+/** A module attribute as plain data: numbers (incl. integral floats, numpy scalars), tuples as arrays. */
+function plainAttr(v: PyValue): unknown {
+  if (v instanceof PyTuple) return v.items.map((x) => pyNumber(x) ?? x);
+  return pyNumber(v) ?? v;
 }
 
 function ckptTensor(key: string, t: TorchTensor): CkptTensor {
@@ -103,7 +104,9 @@ function moduleTree(obj: PyObject, tensors: Map<string, TorchTensor>): ModuleNod
     }
     for (const [k, v] of st) {
       if (typeof k !== 'string' || k.startsWith('_')) continue;
-      if (v === null || typeof v === 'number' || typeof v === 'boolean' || typeof v === 'string' || v instanceof PyTuple) node.attrs.set(k, asTuple(v));
+      if (v === null || typeof v === 'boolean' || typeof v === 'string' || v instanceof PyTuple || pyNumber(v) !== undefined) {
+        node.attrs.set(k, typeof v === 'boolean' ? v : plainAttr(v));
+      }
     }
     const mods = st.get('_modules');
     if (mods instanceof PyDict) {

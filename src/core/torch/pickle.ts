@@ -10,6 +10,7 @@ import { checkView, NewStorage, NewTensor, TorchStorage, TorchTensor } from './t
 import {
   NdArray,
   NumpyDType,
+  NumpyScalar,
   PyComplex,
   PyDict,
   PyFloat,
@@ -512,8 +513,8 @@ const CALLS: Record<string, Handler> = {
     return t;
   },
   'numpy.dtype': (_u, a) => (typeof a[0] === 'string' ? new NumpyDType(a[0], a, 'numpy') : undefined),
-  'numpy.core.multiarray.scalar': (u, a) => numpyScalar(u, a),
-  'numpy._core.multiarray.scalar': (u, a) => numpyScalar(u, a),
+  'numpy.core.multiarray.scalar': (u, a, fn) => numpyScalar(u, a, fn.module),
+  'numpy._core.multiarray.scalar': (u, a, fn) => numpyScalar(u, a, fn.module),
   'numpy.core.multiarray._reconstruct': (_u, a, fn) => new NdArray(a[0] ?? null, fn.module, a),
   'numpy._core.multiarray._reconstruct': (_u, a, fn) => new NdArray(a[0] ?? null, fn.module, a),
 };
@@ -523,11 +524,12 @@ function handlerFor(qualname: string): Handler | undefined {
   return Object.prototype.hasOwnProperty.call(CALLS, qualname) ? CALLS[qualname] : undefined;
 }
 
-function numpyScalar(u: Unpickler, a: PyValue[]): PyValue | undefined {
+function numpyScalar(u: Unpickler, a: PyValue[], module: string): PyValue | undefined {
   const dt = a[0];
   const data = a.length > 1 ? asBytes(a[1]) : undefined;
   if (!(dt instanceof NumpyDType) || !data) return undefined;
-  return decodeNumpyScalar(u, dt, data);
+  const value = decodeNumpyScalar(u, dt, data);
+  return value === undefined ? undefined : new NumpyScalar(dt, data, value, module);
 }
 
 /** The emulating unpickler. Use `unpickle()`. */
@@ -1503,6 +1505,9 @@ class PickleWriter {
     if (v instanceof NumpyDType) {
       const args = v.args.length ? v.args : [v.descr, false, true];
       return this.reduce(() => this.global(v.module, 'dtype'), args, v, depth, { state: v.state });
+    }
+    if (v instanceof NumpyScalar) {
+      return this.reduce(() => this.global(v.module, 'scalar'), [v.dtype, v.data], v, depth);
     }
     if (v instanceof NdArray) {
       const args = v.reconstructArgs.length ? v.reconstructArgs : [new PyGlobal('numpy', 'ndarray'), new PyTuple([0]), Uint8Array.of(0x62)];

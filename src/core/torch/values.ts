@@ -26,6 +26,7 @@ export type PyValue =
   | PyComplex
   | NdArray
   | NumpyDType
+  | NumpyScalar
   | TorchTensor
   | TorchStorage
   | NewTensor
@@ -289,6 +290,7 @@ export class NdArray {
 
 /** The numeric value of an int/float/bool pickle value (PyFloat unwrapped, BigInt converted), else undefined. */
 export function pyNumber(v: PyValue | undefined): number | undefined {
+  if (v instanceof NumpyScalar) return pyNumber(v.value);
   if (typeof v === 'number') return v;
   if (typeof v === 'boolean') return v ? 1 : 0;
   if (typeof v === 'bigint') return Number(v);
@@ -322,4 +324,18 @@ export function pyTypeName(v: PyValue | undefined): string {
   if (v instanceof PyObject) return v.className;
   if (v instanceof PyGlobal) return v.qualname;
   return (v as object).constructor.name;
+}
+
+/**
+ * A numpy scalar (`numpy.float64(0.5)`, common in YOLO checkpoints' `best_fitness`): its decoded
+ * value for readers, and its dtype and raw bytes so a rewritten checkpoint keeps it a numpy scalar.
+ */
+export class NumpyScalar {
+  constructor(
+    readonly dtype: NumpyDType,
+    readonly data: Uint8Array,
+    readonly value: PyValue,
+    /** numpy.core.multiarray (numpy 1) or numpy._core.multiarray (numpy 2). */
+    readonly module = 'numpy.core.multiarray',
+  ) {}
 }
