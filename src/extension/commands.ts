@@ -1,0 +1,207 @@
+// The commands: Fuse, Inspect Model, Show Branch Statistics, Open Model. Each resolves its target
+// from its argument (Explorer URI, tree node, editor message) or from the active model editor.
+import * as vscode from 'vscode';
+import type { BlockNode, BlocksTreeProvider } from './blocksTree';
+import { BranchStatsPanel } from './branchStatsPanel';
+import { ModelEditorProvider } from './modelEditor';
+import { localPath, type ModelService } from './modelService';
+import { ReportPanel } from './reportPanel';
+import { readSettings } from './settings';
+import { baseName } from './view/format';
+import { fuseNotice } from './view/reportView';
+import { fuseJobOptions, fusedOutputPath, isModelFile, MODEL_EXTENSIONS } from './view/settings';
+import { WorkerRequestError } from './worker/client';
+import { type FuseReport, renderFuse } from '../core/report';
+import { blockDescription } from './view/treeItems';
+
+export interface CommandDeps {
+  context: vscode.ExtensionContext;
+  service: ModelService;
+  editors: ModelEditorProvider;
+  tree: BlocksTreeProvider;
+  log: vscode.LogOutputChannel;
+}
+
+const isUri = (x: unknown): x is vscode.Uri => x instanceof vscode.Uri;
+const isNode = (x: unknown): x is BlockNode => !!x && typeof x === 'object' && 'type' in x && 'uri' in x && isUri((x as BlockNode).uri);
+
+export function registerCommands(d: CommandDeps): vscode.Disposable[] {
+  /** The model a command is about: its argument, else the active model editor, else the tree's root. */
+  const target = (arg: unknown): vscode.Uri | undefined => {
+    if (isUri(arg)) return arg;
+    if (isNode(arg)) return arg.uri;
+    return d.editors.activeUri ?? d.tree.rootUri;
+  };
+
+  const pickModel = async (): Promise<vscode.Uri | undefined> => {
+    const picked = await vscode.window.showOpenDialog({
+      canSelectMany: false,
+      openLabel: 'Open Model',
+      filters: { Models: MODEL_EXTENSIONS.map((e) => e.slice(1)) },
+    });
+    return picked?.[0];
+  };
+
+  const running = new Set<string>();
+
+  async function fuseOne(uri: vscode.Uri): Promise<void> {
+    let input: string;
+    try {
+      input = localPath(uri);
+    } catch (err) {
+      void vscode.window.showErrorMessage(`RepFuse: ${(err as Error).message}`);
+      return;
+    }
+    if (!isModelFile(input)) {
+      void vscode.window.showErrorMessage(`RepFuse: ${baseName(input)} is not a model file (${MODEL_EXTENSIONS.join(', ')}).`);
+      return;
+    }
+    if (running.has(input)) {
+      void vscode.window.showInformationMessage(`RepFuse is already fusing ${baseName(input)}.`);
+      return;
+    }
+    const { settings, problems } = readSettings(uri);
+    for (const p of problems) d.log.warn(p);
+    if (problems.length) void vscode.window.showWarningMessage(`RepFuse: ${problems[0]}${problems.length > 1 ? ` (and ${problems.length - 1} more in the RepFuse log)` : ''}`);
+    const output = fusedOutputPath(input, settings.fusedSuffix);
+    if (output === input) {
+      void vscode.window.showErrorMessage('RepFuse: the fused file would overwrite the input; set repfuse.fusedSuffix to a non-empty suffix.');
+      return;
+    }
+    const outUri = vscode.Uri.file(output);
+    let exists = false;
+    try {
+      await vscode.workspace.fs.stat(outUri);
+      exists = true;
+    } catch {
+      exists = false;
+    }
+    if (exists) {
+      const replace = await vscode.window.showWarningMessage(`${baseName(output)} already exists. Replace it with a new fused model?`, { modal: true, detail: `RepFuse never writes ${baseName(input)} itself.` }, 'Replace');
+      if (replace !== 'Replace') return;
+    }
+
+    running.add(input);
+    d.editors.setBusy(uri, true);
+    const controller = new AbortController();
+    let report: FuseReport;
+    try {
+      report = await vscode.window.withProgress(
+        { location: vscode.ProgressLocation.Notification, title: `RepFuse: fusing ${baseName(input)}`, cancellable: true },
+        (progress, token) => {
+          token.onCancellationRequested(() => controller.abort());
+          progress.report({ message: 'analyzing…' });
+          return d.service.fuse(uri, fuseJobOptions(settings, output, exists), {
+            signal: controller.signal,
+            onProgress: (m) => {
+              d.log.info(m);
+              progress.report({ message: `${m}…` });
+            },
+          });
+        },
+      );
+    } catch (err) {
+      failed(input, err);
+      return;
+    } finally {
+      running.delete(input);
+      d.editors.setBusy(uri, false);
+    }
+    d.log.info(`\n${renderFuse(report)}`);
+    const notice = fuseNotice(report);
+    if (notice.severity === 'warning') d.log.warn(notice.message);
+    // The notification stays until the user acts on it; the command does not wait for that.
+    const show = notice.severity === 'warning' ? vscode.window.showWarningMessage : vscode.window.showInformationMessage;
+    void show(notice.message, ...notice.actions).then((action) => {
+      if (action === 'Open Fused Model' && report.output) void openModel(vscode.Uri.file(report.output));
+      else if (action === 'Show Report') ReportPanel.show(d.context.extensionUri, report, d.log);
+    });
+  }
+
+  const openModel = (uri: vscode.Uri) => vscode.commands.executeCommand('vscode.openWith', uri, ModelEditorProvider.viewTypeFor(uri));
+
+  /** Cancelled: a note; fused but not validated: a warning; anything else: an error. All one line. */
+  function failed(input: string, err: unknown): void {
+    if (err instanceof WorkerRequestError && err.cancelled) {
+      d.log.info(`fusing ${input} cancelled; nothing was written.`);
+      void vscode.window.showInformationMessage(`RepFuse: fusing ${baseName(input)} was cancelled; nothing was written.`);
+      return;
+    }
+    const message = (err as Error).message;
+    d.log.error(message);
+    if (err instanceof WorkerRequestError && err.outputWritten) {
+      // Fused, but the validation process crashed or timed out (the CLI's exit code 3).
+      const written = err.outputWritten;
+      void vscode.window.showWarningMessage(`RepFuse: ${message}`, 'Open Fused Model', 'Show Log').then((action) => {
+        if (action === 'Open Fused Model') void openModel(vscode.Uri.file(written));
+        else if (action === 'Show Log') d.log.show(true);
+      });
+      return;
+    }
+    void vscode.window.showErrorMessage(`RepFuse: ${message}`, 'Show Log').then((action) => {
+      if (action === 'Show Log') d.log.show(true);
+    });
+  }
+
+  const fuse = async (arg?: unknown, all?: unknown) => {
+    // From the Explorer with several files selected, the second argument lists them all.
+    const many = Array.isArray(all) ? all.filter(isUri).filter((u) => isModelFile(u.fsPath)) : [];
+    const uris = many.length > 1 ? many : [target(arg) ?? (await pickModel())].filter(isUri);
+    for (const u of uris) await fuseOne(u);
+  };
+
+  const inspect = async (arg?: unknown) => {
+    const uri = target(arg) ?? (await pickModel());
+    if (!uri) return;
+    d.tree.setRoot(uri);
+    await openModel(uri);
+  };
+
+  const showBranchStats = async (arg?: unknown) => {
+    let uri: vscode.Uri | undefined;
+    let block: string | undefined;
+    if (isNode(arg) && arg.type === 'block') ({ uri, block } = arg);
+    else if (isNode(arg) && arg.type === 'branch') ({ uri, block } = arg);
+    else if (arg && typeof arg === 'object' && 'uri' in arg && 'block' in arg && isUri(arg.uri) && typeof arg.block === 'string') ({ uri, block } = arg as { uri: vscode.Uri; block: string });
+    else uri = target(arg);
+    if (!uri) {
+      void vscode.window.showInformationMessage('RepFuse: open a model (.onnx) first, then choose a block.');
+      return;
+    }
+    // From the editor title or the palette: the block selected in the editor or the tree, if any.
+    if (!block && !isNode(arg)) block = d.editors.selectedBlock(uri);
+    if (!block) {
+      let report;
+      try {
+        report = await d.service.load(uri);
+      } catch (err) {
+        void vscode.window.showErrorMessage(`RepFuse: ${(err as Error).message}`);
+        return;
+      }
+      if (!report.blocks.length) {
+        void vscode.window.showInformationMessage(`RepFuse: ${baseName(uri.path)} has no re-parameterizable blocks.`);
+        return;
+      }
+      const pick = await vscode.window.showQuickPick(
+        report.blocks.map((b) => ({ label: b.name, description: blockDescription(b) })),
+        { title: 'Branch statistics of which block?', matchOnDescription: true },
+      );
+      if (!pick) return;
+      block = pick.label;
+    }
+    BranchStatsPanel.show(d.context.extensionUri, d.service, uri, block);
+  };
+
+  const openPicked = async () => {
+    const uri = await pickModel();
+    if (uri) await openModel(uri);
+  };
+
+  return [
+    vscode.commands.registerCommand('repfuse.fuse', fuse),
+    vscode.commands.registerCommand('repfuse.inspect', inspect),
+    vscode.commands.registerCommand('repfuse.showBranchStats', showBranchStats),
+    vscode.commands.registerCommand('repfuse.openModel', openPicked),
+    vscode.commands.registerCommand('repfuse.showLog', () => d.log.show(true)),
+  ];
+}

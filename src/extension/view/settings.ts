@@ -1,0 +1,138 @@
+// The `repfuse.*` settings turned into engine options, with problems stated in full sentences.
+// Pure: the caller passes the raw values it read from the configuration.
+import * as path from 'node:path';
+
+/** Extensions the model editor and the commands accept (lower case, with the dot). */
+export const MODEL_EXTENSIONS = ['.onnx', '.pt', '.pth', '.ckpt', '.safetensors'] as const;
+
+export function isModelFile(file: string): boolean {
+  return (MODEL_EXTENSIONS as readonly string[]).includes(path.extname(file).toLowerCase());
+}
+
+/** `<dir>/<name><suffix><ext>` beside the input: the same rule as the engine's defaultOutput. */
+export function fusedOutputPath(input: string, suffix: string): string {
+  const ext = path.extname(input);
+  return path.join(path.dirname(input), `${path.basename(input, ext)}${suffix}${ext}`);
+}
+
+export interface CheckpointOptions {
+  /** BN epsilon for bare state_dicts that do not store it; 'auto' guesses from the family. */
+  defaultEpsilon: number | 'auto';
+  outputDtype: 'keep' | 'float32' | 'float16';
+}
+
+/** What inspecting a model depends on (a change re-parses open models). */
+export interface InspectOptions {
+  foldBN: boolean;
+  checkpoint: CheckpointOptions;
+}
+
+export interface FuseJobOptions extends InspectOptions {
+  output: string;
+  force: boolean;
+  validate: boolean;
+  atol: number;
+  rtol: number;
+  timeoutMs: number;
+  inputShapes: Record<string, number[]>;
+}
+
+/** The raw configuration values, as `WorkspaceConfiguration.get` returns them. */
+export interface RawSettings {
+  validationEnabled?: unknown;
+  atol?: unknown;
+  rtol?: unknown;
+  inputShapes?: unknown;
+  timeoutSeconds?: unknown;
+  fusedSuffix?: unknown;
+  foldStandaloneBatchNorm?: unknown;
+  defaultEpsilon?: unknown;
+  outputDtype?: unknown;
+}
+
+export interface Settings {
+  validate: boolean;
+  atol: number;
+  rtol: number;
+  timeoutMs: number;
+  inputShapes: Record<string, number[]>;
+  fusedSuffix: string;
+  inspect: InspectOptions;
+}
+
+export const DEFAULTS = { atol: 1e-4, rtol: 1e-3, timeoutSeconds: 300, fusedSuffix: '.fused' } as const;
+
+/** Parses `1x3x640x640` (also `1,3,640,640` and `×`); null when it is not a list of positive integers. */
+export function parseShapeText(text: string): number[] | null {
+  const parts = text.split(/[x×,]/).map((s) => s.trim());
+  if (!parts.length || parts.some((p) => !/^\d+$/.test(p))) return null;
+  const dims = parts.map(Number);
+  return dims.every((d) => d >= 1) ? dims : null;
+}
+
+const nonNegative = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v) && v >= 0;
+
+/** Reads the settings; anything invalid falls back to its default and is named in `problems`. */
+export function parseSettings(raw: RawSettings): { settings: Settings; problems: string[] } {
+  const problems: string[] = [];
+  const num = (v: unknown, name: string, dflt: number): number => {
+    if (v === undefined || v === null) return dflt;
+    if (nonNegative(v)) return v;
+    problems.push(`repfuse.${name} must be a non-negative number (got ${JSON.stringify(v)}); using ${dflt}.`);
+    return dflt;
+  };
+  const inputShapes: Record<string, number[]> = {};
+  if (raw.inputShapes !== undefined && raw.inputShapes !== null) {
+    if (typeof raw.inputShapes !== 'object' || Array.isArray(raw.inputShapes)) {
+      problems.push('repfuse.validation.inputShapes must be an object mapping input names to shapes like "1x3x640x640".');
+    } else {
+      for (const [name, v] of Object.entries(raw.inputShapes as Record<string, unknown>)) {
+        const dims = typeof v === 'string' ? parseShapeText(v) : Array.isArray(v) && v.every((d) => Number.isInteger(d) && d >= 1) ? (v as number[]) : null;
+        if (dims) inputShapes[name] = dims;
+        else problems.push(`repfuse.validation.inputShapes: the shape of '${name}' must look like "1x3x640x640" (got ${JSON.stringify(v)}).`);
+      }
+    }
+  }
+  let fusedSuffix: string = DEFAULTS.fusedSuffix;
+  if (raw.fusedSuffix !== undefined && raw.fusedSuffix !== null) {
+    const s = raw.fusedSuffix;
+    if (typeof s !== 'string' || !s.trim() || /[\\/]/.test(s) || s === '.' || s === '..') {
+      problems.push(`repfuse.fusedSuffix must be a non-empty file-name part without slashes (got ${JSON.stringify(s)}); using "${DEFAULTS.fusedSuffix}".`);
+    } else fusedSuffix = s;
+  }
+  let defaultEpsilon: number | 'auto' = 'auto';
+  const e = raw.defaultEpsilon;
+  if (e !== undefined && e !== null && e !== 'auto') {
+    const n = typeof e === 'number' ? e : typeof e === 'string' ? Number(e) : NaN;
+    if (Number.isFinite(n) && n > 0 && n < 1) defaultEpsilon = n;
+    else problems.push(`repfuse.checkpoint.defaultEpsilon must be "auto" or a number between 0 and 1 (got ${JSON.stringify(e)}); using "auto".`);
+  }
+  let outputDtype: CheckpointOptions['outputDtype'] = 'keep';
+  if (raw.outputDtype !== undefined && raw.outputDtype !== null) {
+    if (raw.outputDtype === 'keep' || raw.outputDtype === 'float32' || raw.outputDtype === 'float16') outputDtype = raw.outputDtype;
+    else problems.push(`repfuse.checkpoint.outputDtype must be keep, float32 or float16 (got ${JSON.stringify(raw.outputDtype)}); using keep.`);
+  }
+  const timeoutSeconds = num(raw.timeoutSeconds, 'validation.timeoutSeconds', DEFAULTS.timeoutSeconds);
+  return {
+    settings: {
+      validate: raw.validationEnabled === undefined ? true : raw.validationEnabled !== false,
+      atol: num(raw.atol, 'validation.atol', DEFAULTS.atol),
+      rtol: num(raw.rtol, 'validation.rtol', DEFAULTS.rtol),
+      timeoutMs: Math.max(1, timeoutSeconds) * 1000,
+      inputShapes,
+      fusedSuffix,
+      inspect: { foldBN: raw.foldStandaloneBatchNorm === undefined ? true : raw.foldStandaloneBatchNorm !== false, checkpoint: { defaultEpsilon, outputDtype } },
+    },
+    problems,
+  };
+}
+
+/** The options of one fuse job. */
+export function fuseJobOptions(s: Settings, output: string, force: boolean): FuseJobOptions {
+  return { ...s.inspect, output, force, validate: s.validate, atol: s.atol, rtol: s.rtol, timeoutMs: s.timeoutMs, inputShapes: s.inputShapes };
+}
+
+/** A stable key of the options that change what inspecting a file reports (not the output dtype). */
+export function inspectKey(o: InspectOptions): string {
+  return JSON.stringify([o.foldBN, o.checkpoint.defaultEpsilon]);
+}
