@@ -35,6 +35,20 @@ export default tseslint.config(
     },
   },
   {
+    // Webviews run in a browser sandbox: no Node modules, no VS Code API (only acquireVsCodeApi).
+    files: ['webview/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', {
+        paths: [
+          { name: 'vscode', message: 'The webview talks to the host through the typed protocol only.' },
+          { name: 'onnxruntime-node', message: 'Not available in a webview.' },
+          ...['fs', 'path', 'os', 'child_process', 'worker_threads', 'crypto'].map((name) => ({ name, message: 'Node modules do not exist in a webview.' })),
+        ],
+        patterns: [{ group: ['node:*'], message: 'Node modules do not exist in a webview.' }, { group: ['**/core/onnx/**', '**/core/torch/**', '**/core/checkpoint/**', '**/engine', '**/validate/**'], message: 'The webview gets data from the host (types from core/stats and the protocol only).' }],
+      }],
+    },
+  },
+  {
     files: ['scripts/**/*.mjs'],
     languageOptions: { globals: { console: 'readonly', process: 'readonly' } },
   },
