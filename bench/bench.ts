@@ -1,10 +1,12 @@
-// RepFuse CLI benchmark on a RepVGG-B1-sized model (`npm run bench`).
+// RepFuse CLI benchmark on a RepVGG-B1-sized model (`npm run bench`): the ONNX export and the
+// same net as an unfused PyTorch state_dict `.pt` (≈ 220 MB, RepVGG key names).
 //
 //   node out/bench/bench.js [--quick] [--check] [--profile] [--runs N] [--rss time|preload] [--keep]
 //
-//   --quick    skip the validated fuse (onnxruntime runs both models; a few seconds to ~30 s)
-//   --check    also load and run the generated model once in onnxruntime-node (slow)
-//   --profile  run `node --cpu-prof dist/cli.js fuse …` once and print the hottest functions
+//   --quick    skip the validated fuses (onnxruntime runs both models / every block; seconds to ~30 s)
+//   --check    also load and run the generated ONNX model once in onnxruntime-node (slow), and load
+//              the fused .pt with PyTorch (`torch.load(weights_only=True)`, /usr/bin/python3)
+//   --profile  run `node --cpu-prof dist/cli.js fuse …` once per format and print the hottest functions
 //   --runs N   timed runs per command (default 5, after 1 warm-up)
 //   --rss M    how to read peak RSS: 'time' (/usr/bin/time, default when present) or 'preload'
 //   --keep     keep the temp folder (prints its path)
@@ -16,6 +18,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { generateRepVGG } from './gen-model';
+import { generateRepVGGCheckpoint } from './gen-torch';
 import { bench, type Command, CommandFailed, gnuTimeWorks, type RssMethod, type Stats, TIME_BIN } from './measure';
 import { renderProfile, summarizeProfile } from './profile';
 
@@ -29,7 +32,9 @@ const NODE_COPY = `const fs = require('fs'); const [src, dst] = process.argv.sli
 const i = fs.openSync(src, 'r'), o = fs.openSync(dst, 'w'), b = Buffer.allocUnsafe(4 << 20);
 for (let n; (n = fs.readSync(i, b, 0, b.length, null)) > 0; ) for (let off = 0; off < n; ) off += fs.writeSync(o, b, off, n - off);`;
 
-const TARGETS = { inspectS: 0.25, fuseS: 0.45, fuseRssX: 1.5 };
+const TARGETS = { inspectS: 0.25, fuseS: 0.45, fuseRssX: 1.5, ptInspectS: 0.25, ptFuseS: 0.5, ptFuseRssX: 1.5 };
+const CHECK_FUSED = path.join(ROOT, 'test', 'interop', 'check_fused.py');
+const PYTHON = '/usr/bin/python3';
 
 const MiB = 1024 * 1024;
 const mib = (bytes: number) => `${(bytes / MiB).toFixed(1)} MiB`;
@@ -156,6 +161,44 @@ async function main(): Promise<number> {
     }
     log();
 
+    // ----- 1b. the same net as an unfused PyTorch state_dict ------------------------------------
+    const ptModel = path.join(tmp, 'repvgg_b1_sd.pt');
+    const genPt = await generateRepVGGCheckpoint(ptModel);
+    log(
+      `generated ${path.basename(ptModel)}: ${genPt.bytes.toLocaleString('en-US')} bytes (${mib(genPt.bytes)}), torch zip state_dict, ${genPt.tensors} tensors ` +
+        `(RepVGG names: rbr_dense.conv/.bn, rbr_1x1.*, rbr_identity), ${genPt.blocks} blocks (${genPt.identityBlocks} with a BN identity), ` +
+        `${(genPt.params / 1e6).toFixed(2)} M params, float32, in ${(genPt.ms / 1000).toFixed(2)} s`,
+    );
+    const ptIns = runJson(['inspect', ptModel, '--json']);
+    const ptInspected = ptIns.json as { blocks?: unknown[]; rejected?: unknown[] } | undefined;
+    if (ptIns.status !== 0 || !ptInspected?.blocks) throw new Error(`inspect .pt failed (${ptIns.status}): ${ptIns.stderr.trim()}`);
+    const ptOut = path.join(tmp, 'out.pt');
+    const ptFz = runJson(['fuse', ptModel, '-o', ptOut, '--no-validate', '--force', '--json']);
+    const ptFused = ptFz.json as FuseJson | undefined;
+    if (ptFz.status !== 0 || !ptFused) throw new Error(`fuse .pt failed (${ptFz.status}): ${ptFz.stderr.trim()}`);
+    log(
+      `inspect finds ${ptInspected.blocks.length} blocks (${ptInspected.rejected?.length ?? 0} rejected); fuse fuses ${ptFused.blocksFused} blocks, ` +
+        `writes ${ptFused.bytesWritten.toLocaleString('en-US')} bytes (fuse's own timings: ${Object.entries(ptFused.timingsMs)
+          .map(([k, v]) => `${k} ${v.toFixed(0)} ms`)
+          .join(', ')})`,
+    );
+    if (ptInspected.blocks.length !== genPt.blocks || ptFused.blocksFused !== genPt.blocks) {
+      log(`WARNING: expected ${genPt.blocks} blocks in the .pt; its numbers below are not comparable.`);
+    }
+    if (values.check) {
+      // PyTorch itself must accept the fused state_dict (weights_only=True, zip CRCs, 64-byte alignment).
+      const r = spawnSync(PYTHON, [CHECK_FUSED, 'load', ptOut], { encoding: 'utf8', maxBuffer: 64 << 20 });
+      let res: { ok?: boolean; tensors?: Record<string, unknown>; records_not_64_aligned?: string[]; error?: string } = {};
+      try {
+        res = JSON.parse(r.stdout.trim().split('\n').pop() ?? '');
+      } catch {
+        /* reported below */
+      }
+      if (r.status !== 0 || !res.ok) throw new Error(`PyTorch does not load the fused .pt (exit ${r.status}): ${res.error ?? r.stderr.trim()}`);
+      log(`PyTorch (${PYTHON}) loads out.pt with weights_only=True: ${Object.keys(res.tensors ?? {}).length} tensors, records not 64-byte aligned: ${res.records_not_64_aligned?.length ?? '?'}`);
+    } else log('(PyTorch load check of the fused .pt skipped; pass --check to run it)');
+    log();
+
     // ----- 2 + 3. timed commands --------------------------------------------------------------
     // Before each run (untimed): delete the previous output and `sync`, so every run writes a new
     // file onto a clean page cache. Otherwise a run pays for the previous run's writeback and for
@@ -165,44 +208,54 @@ async function main(): Promise<number> {
       spawnSync('sync');
     };
     const copy = path.join(tmp, 'copy.onnx');
-    const commands: { cmd: Command; target?: { wallS: number; rssX?: number }; before?: () => void }[] = [
-      { cmd: { label: 'cp (reference)', exe: 'cp', args: [model, copy], node: false }, before: fresh(copy) },
+    const commands: { cmd: Command; size: number; target?: { wallS: number; rssX?: number }; before?: () => void }[] = [
+      { cmd: { label: 'cp (reference)', exe: 'cp', args: [model, copy], node: false }, size: gen.bytes, before: fresh(copy) },
       {
         // fuse fsyncs its output; cp does not. This row shows what durability costs on this disk.
         cmd: { label: 'cp + fsync (dd conv=fsync)', exe: 'dd', args: [`if=${model}`, `of=${copy}`, 'bs=4M', 'conv=fsync', 'status=none'], node: false },
+        size: gen.bytes,
         before: fresh(copy),
       },
       {
         // The floor for any Node writer: start node, stream the file through 4 MiB read/write calls.
         cmd: { label: 'node stream copy (4 MiB chunks)', exe: process.execPath, args: ['-e', NODE_COPY, model, copy], node: true },
+        size: gen.bytes,
         before: fresh(copy),
       },
-      { cmd: { label: 'inspect', exe: process.execPath, args: [CLI, 'inspect', model], node: true }, target: { wallS: TARGETS.inspectS }, before: fresh(copy) },
+      { cmd: { label: 'inspect .onnx', exe: process.execPath, args: [CLI, 'inspect', model], node: true }, size: gen.bytes, target: { wallS: TARGETS.inspectS }, before: fresh(copy) },
       {
-        cmd: { label: 'fuse --no-validate', exe: process.execPath, args: [CLI, 'fuse', model, '-o', out, '--no-validate', '--force'], node: true },
+        cmd: { label: 'fuse .onnx --no-validate', exe: process.execPath, args: [CLI, 'fuse', model, '-o', out, '--no-validate', '--force'], node: true },
+        size: gen.bytes,
         target: { wallS: TARGETS.fuseS, rssX: TARGETS.fuseRssX },
         before: fresh(out),
       },
+      { cmd: { label: 'inspect .pt', exe: process.execPath, args: [CLI, 'inspect', ptModel], node: true }, size: genPt.bytes, target: { wallS: TARGETS.ptInspectS }, before: fresh(ptOut) },
+      {
+        cmd: { label: 'fuse .pt --no-validate', exe: process.execPath, args: [CLI, 'fuse', ptModel, '-o', ptOut, '--no-validate', '--force'], node: true },
+        size: genPt.bytes,
+        target: { wallS: TARGETS.ptFuseS, rssX: TARGETS.ptFuseRssX },
+        before: fresh(ptOut),
+      },
     ];
-    const results: { label: string; stats: Stats; target?: { wallS: number; rssX?: number } }[] = [];
+    const results: { label: string; size: number; stats: Stats; target?: { wallS: number; rssX?: number } }[] = [];
     for (const c of commands) {
       process.stdout.write(`timing ${c.cmd.label} (1 warm-up + ${runs}) … `);
       const stats = await bench(c.cmd, { runs, warmup: 1, method, scratchDir: tmp, preload: PRELOAD, before: c.before });
       log(stats.samples.map((s) => s.wallS.toFixed(3)).join(' ') + ' s');
-      results.push({ label: c.cmd.label, stats, target: c.target });
+      results.push({ label: c.cmd.label, size: c.size, stats, target: c.target });
     }
     fs.rmSync(copy, { force: true });
     log();
 
-    const size = gen.bytes;
     const rows: string[][] = [['command', 'median', 'min', 'peak RSS', 'RSS/file', 'target', 'verdict']];
-    rows.push([`model file (${size.toLocaleString('en-US')} B)`, '', '', mib(size), '1.00×', '', '']);
+    rows.push([`.onnx model file (${gen.bytes.toLocaleString('en-US')} B)`, '', '', mib(gen.bytes), '1.00×', '', '']);
+    rows.push([`.pt state_dict file (${genPt.bytes.toLocaleString('en-US')} B)`, '', '', mib(genPt.bytes), '1.00×', '', '']);
     let misses = 0;
     let failures = 0;
     for (const r of results) {
       const s = r.stats;
       const rssB = s.peakRssKiB * 1024;
-      const x = rssB / size;
+      const x = rssB / r.size;
       let target = '';
       let verdict = '';
       if (r.target) {
@@ -230,7 +283,8 @@ async function main(): Promise<number> {
     log(table(rows, [false, true, true, true, true, false, false]));
     log();
     log(`wall = median / min of ${runs} runs after 1 warm-up; before each run the output is deleted and \`sync\` run (untimed), the input stays in the page cache.`);
-    log('peak RSS = max over the runs. 1 MiB = 2^20 bytes. Targets: inspect ≤ 0.25 s; fuse ≤ 0.45 s and peak RSS ≤ 1.5 × file size.');
+    log('peak RSS = max over the runs; RSS/file against the row\'s own input. 1 MiB = 2^20 bytes.');
+    log('Targets: .onnx inspect ≤ 0.25 s, fuse ≤ 0.45 s and peak RSS ≤ 1.5 × file size; .pt fuse ≤ 0.5 s and peak RSS ≤ 1.5 × file size (issue 3), .pt inspect ≤ 0.25 s (the .onnx target).');
     log(`load average now ${load()}.`);
     log(misses ? `${misses} of ${results.filter((r) => r.target).length} targets missed.` : 'all targets met.');
 
@@ -256,19 +310,39 @@ async function main(): Promise<number> {
         log(`  verdict: max |Δ| ${maxOut.toExponential(3)} — ${val.passed ? 'PASSED' : 'OVER TOLERANCE'}`);
         if (!val.passed) failures++;
       }
-    } else log('(validated fuse skipped: --quick)');
+      process.stdout.write('validating: fuse WITH block-by-block onnxruntime validation on the .pt … ');
+      const vPt = runJson(['fuse', ptModel, '-o', path.join(tmp, 'validated.pt'), '--force', '--json']);
+      const vp = vPt.json as FuseJson | undefined;
+      if (!vp || !vp.validation || (vPt.status !== 0 && vPt.status !== 1)) {
+        log(`could not validate (exit ${vPt.status}): ${vPt.stderr.trim().split('\n').pop() ?? ''}`);
+        failures++;
+      } else {
+        const val = vp.validation;
+        const worst = val.blocks.reduce((a, b) => (b.maxAbsDiff > (a?.maxAbsDiff ?? -1) ? b : a), undefined as (typeof val.blocks)[number] | undefined);
+        log(`${vPt.wallS.toFixed(1)} s (validation itself ${(val.durationMs / 1000).toFixed(1)} s)`);
+        if (worst) log(`  ${val.blocks.length} blocks compared (no whole-network graph in a checkpoint); worst '${worst.block}' max |Δ| ${worst.maxAbsDiff.toExponential(3)}; ${val.blocks.filter((b) => !b.passed).length} over tolerance`);
+        log(`  verdict: ${val.passed ? 'PASSED' : 'OVER TOLERANCE'}`);
+        if (!val.passed) failures++;
+      }
+      fs.rmSync(path.join(tmp, 'validated.pt'), { force: true });
+    } else log('(validated fuses skipped: --quick)');
 
     // ----- optional CPU profile ---------------------------------------------------------------
     if (values.profile) {
-      const dir = path.join(tmp, 'prof');
-      fresh(out)();
-      const r = spawnSync(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${dir}`, CLI, 'fuse', model, '-o', out, '--no-validate', '--force'], { encoding: 'utf8' });
-      if (r.status !== 0) throw new Error(`profiled fuse failed: ${r.stderr}`);
-      const prof = fs.readdirSync(dir).find((f) => f.endsWith('.cpuprofile'));
-      if (!prof) throw new Error('node --cpu-prof wrote no profile.');
-      log();
-      log('CPU profile of `node --cpu-prof dist/cli.js fuse … --no-validate`:');
-      log(renderProfile(summarizeProfile(path.join(dir, prof), ROOT), 20));
+      for (const [what, input, output] of [
+        ['.onnx', model, out],
+        ['.pt', ptModel, ptOut],
+      ] as const) {
+        const dir = path.join(tmp, `prof${what}`);
+        fresh(output)();
+        const r = spawnSync(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${dir}`, CLI, 'fuse', input, '-o', output, '--no-validate', '--force'], { encoding: 'utf8' });
+        if (r.status !== 0) throw new Error(`profiled fuse failed: ${r.stderr}`);
+        const prof = fs.readdirSync(dir).find((f) => f.endsWith('.cpuprofile'));
+        if (!prof) throw new Error('node --cpu-prof wrote no profile.');
+        log();
+        log(`CPU profile of \`node --cpu-prof dist/cli.js fuse <${what}> … --no-validate\`:`);
+        log(renderProfile(summarizeProfile(path.join(dir, prof), ROOT), 20));
+      }
     }
     // A missed target is a finding, not an error; a wrong fused model is.
     return failures ? 1 : 0;

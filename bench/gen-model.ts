@@ -81,7 +81,7 @@ function lenField(field: number, payload: Uint8Array): Uint8Array {
 // ----- seeded random numbers -------------------------------------------------------------------
 
 /** mulberry32: small, fast, good enough for weights; one stream per tensor so order never matters. */
-function rng(seed: number): () => number {
+export function rng(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;
@@ -92,7 +92,7 @@ function rng(seed: number): () => number {
   };
 }
 
-function hashSeed(seed: number, name: string): number {
+export function hashSeed(seed: number, name: string): number {
   let h = (seed ^ 0x9e3779b9) >>> 0;
   for (let i = 0; i < name.length; i++) h = Math.imul(h ^ name.charCodeAt(i), 0x01000193) >>> 0;
   return h;
