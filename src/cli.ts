@@ -3,7 +3,7 @@
 import { parseArgs } from 'node:util';
 import { oneLineError, RepFuseError } from './core/errors';
 import { parseShape } from './core/onnx/inputs';
-import { pendingTempFiles } from './core/onnx/writer';
+import { pendingTempFiles } from './core/atomic';
 import { renderFuse, renderInspect } from './core/report';
 import { defaultFuseOptions, fuse, inspect } from './engine';
 import { ValidationError } from './validate';
@@ -33,7 +33,7 @@ default rewritten as a checkpoint with its blocks in deploy form (--state-dict t
 --eps overrides BN epsilon (bare state_dicts use the family's training default, and say so).
 
 Exit codes: 0 ok · 1 fused, but validation over tolerance · 2 bad input or usage · 3 fused, but
-validation could not run.`;
+validation could not run · 130 interrupted (Ctrl-C): nothing written.`;
 
 function fail(msg: string, code = 2): never {
   process.stderr.write(`repfuse: ${msg}\n`);
@@ -107,9 +107,18 @@ async function main(argv: string[]): Promise<number> {
   for (const [name, shape] of parsePairs('input', values.input)) inputShapes[name] = parseShape(shape);
   const inputNpy: Record<string, string> = {};
   for (const [name, f] of parsePairs('input-npy', values['input-npy'])) inputNpy[name] = f;
-  const controller = new AbortController();
-  process.once('SIGINT', () => controller.abort(new RepFuseError('interrupted.')));
-  process.once('SIGTERM', () => controller.abort(new RepFuseError('terminated.')));
+  // Ctrl-C aborts the job: writers stop at their next chunk and remove their temp files, the
+  // validation child is killed, and an output already renamed into place is removed again. A
+  // second Ctrl-C removes what is pending at once and exits.
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(sig, () => {
+      if (controller.signal.aborted) {
+        cleanup();
+        process.exit(130);
+      }
+      controller.abort(new RepFuseError(sig === 'SIGINT' ? 'interrupted.' : 'terminated.'));
+    });
+  }
   if (values['keep-modules'] && values['state-dict']) throw new RepFuseError('--keep-modules and --state-dict exclude each other.');
   const dtypes: Record<string, DType | undefined> = { keep: undefined, float32: DType.float32, float16: DType.float16, bfloat16: DType.bfloat16, float64: DType.float64 };
   if (values.dtype !== undefined && !(values.dtype in dtypes)) throw new RepFuseError(`--dtype must be one of ${Object.keys(dtypes).join(', ')}, got '${values.dtype}'.`);
@@ -136,6 +145,8 @@ async function main(argv: string[]): Promise<number> {
   return report.validation && !report.validation.passed ? 1 : 0;
 }
 
+const controller = new AbortController();
+
 function cleanup(): void {
   for (const t of pendingTempFiles) fs.rmSync(t, { force: true });
 }
@@ -147,6 +158,7 @@ main(process.argv.slice(2)).then(
   },
   (err) => {
     cleanup();
+    if (controller.signal.aborted) fail(`${oneLineError(controller.signal.reason).replace(/\.$/, '')}; nothing was written.`, 130);
     if (err instanceof ValidationError) fail(oneLineError(err), 3);
     if (err instanceof RepFuseError || (err as NodeJS.ErrnoException)?.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION' || (err as NodeJS.ErrnoException)?.code?.startsWith?.('ERR_PARSE_ARGS')) {
       fail(oneLineError(err));

@@ -33,10 +33,13 @@ function checkRange(src: ByteSource, offset: number, length: number): void {
 
 export class BufferSource implements ByteSource {
   readonly size: number;
+  readonly bytes: Uint8Array;
   constructor(
-    readonly bytes: Uint8Array,
+    bytes: Uint8Array,
     readonly name = '<buffer>',
   ) {
+    // A plain view even of a Buffer: readers copy with slice(), which on a Buffer would not copy.
+    this.bytes = new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.length);
     this.size = bytes.length;
   }
   read(offset: number, length: number): Uint8Array {

@@ -123,7 +123,8 @@ export function decodeNumbers(bytes: Uint8Array, dtype: number, file?: string): 
   if (!size) throw new FormatError(`cannot read numbers of type ${dtypeName(dtype)}.`, file);
   if (bytes.length % size !== 0) throw new FormatError(`${bytes.length} bytes is not a whole number of ${dtypeName(dtype)} elements.`, file);
   const n = bytes.length / size;
-  const aligned = bytes.byteOffset % 8 === 0 ? bytes : bytes.slice();
+  // A copy, also for a Buffer (whose slice() is a view that keeps the odd offset).
+  const aligned = bytes.byteOffset % 8 === 0 ? bytes : Uint8Array.prototype.slice.call(bytes);
   const buf = aligned.buffer;
   const off = aligned.byteOffset;
   switch (dtype) {

@@ -55,7 +55,7 @@ export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opt
       else resolve(report!);
     };
     const timer = setTimeout(() => {
-      finish(new ValidationError(`validation did not finish within ${Math.round(opts.timeoutMs / 1000)} s; the onnxruntime process was stopped (raise the timeout, or use --no-validate).`));
+      finish(new ValidationError(`validation did not finish within ${Number((opts.timeoutMs / 1000).toPrecision(3))} s; the onnxruntime process was stopped (raise the timeout, or use --no-validate).`));
     }, opts.timeoutMs);
     const onAbort = () => finish(new ValidationError('validation cancelled.'));
     if (opts.signal?.aborted) return onAbort();
@@ -68,8 +68,11 @@ export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opt
     child.on('error', (err) => finish(new ValidationError(`cannot start the validation process: ${err.message}`)));
     child.on('exit', (code, signal) => {
       if (settled) return;
-      const tail = stderr.trim().split('\n').filter(Boolean).pop();
-      const oom = /heap out of memory|std::bad_alloc|Allocation failed/i.test(stderr) || signal === 'SIGKILL';
+      const lines = stderr.trim().split('\n').filter(Boolean);
+      const oomLine = lines.find((l) => /heap out of memory|std::bad_alloc|Allocation failed/i.test(l));
+      // The line saying why, not the last frame of a native stack dump.
+      const tail = (oomLine ?? lines.pop())?.trim();
+      const oom = !!oomLine || signal === 'SIGKILL';
       const why = signal ? `was killed by ${signal}` : `exited with code ${code}`;
       finish(new ValidationError(`the onnxruntime validation process ${why}${oom ? ' (out of memory?)' : ''}${tail ? `: ${tail}` : ''}; the fused model was written but not validated.`));
     });

@@ -87,6 +87,14 @@ export interface DetectOptions {
 /** Thrown inside the analysis of one candidate; becomes a RejectedCandidate. */
 class Reject extends Error {}
 
+/**
+ * Most terms (and Add nodes) a sum may have to be looked at as a block. Real blocks have a handful
+ * of branches; a hostile chain of thousands of Adds or a Sum of thousands of convolutions would
+ * otherwise recurse that deep and cost quadratic time.
+ */
+export const MAX_BLOCK_TERMS = 64;
+class TooBig extends Error {}
+
 declare const opBrand: unique symbol;
 /** A node known to have a given op type (branded so a failed check does not narrow to never). */
 type OpNode = OnnxNode & { readonly [opBrand]: true };
@@ -116,16 +124,19 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     return c.length === 1 && isAddLike(c[0]) && index.usedOnlyBy(out, c[0]);
   };
 
+  /** The Add tree at `root`: its Add nodes and its leaves. Throws TooBig past MAX_BLOCK_TERMS. */
   function collect(root: OnnxNode): { adds: OnnxNode[]; leaves: string[] } {
     const adds: OnnxNode[] = [];
     const leaves: string[] = [];
     const walk = (n: OnnxNode) => {
       adds.push(n);
+      if (adds.length > MAX_BLOCK_TERMS || n.inputs.length > MAX_BLOCK_TERMS) throw new TooBig();
       for (const i of n.inputs) {
         const p = index.producer.get(i);
         if (isAddLike(p) && index.usedOnlyBy(i, n)) walk(p);
         else leaves.push(i);
       }
+      if (leaves.length > MAX_BLOCK_TERMS) throw new TooBig();
     };
     walk(root);
     return { adds, leaves };
@@ -272,6 +283,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
 
   /** Tries to make a block of the Add tree at `root`. Returns a block, a rejection, or nothing. */
   function analyze(root: OnnxNode): OnnxBlock | RejectedCandidate | 'residual' | undefined {
+    if (!root.outputs[0]) return undefined; // a corrupt node without an output: nothing to replace
     const { adds, leaves: all } = collect(root);
     // `0 + …` (MobileOne starts its sum from a constant zero) contributes nothing.
     const zeros: ConstRef[] = [];
@@ -373,7 +385,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     let output = treeOut;
     let postBN: BNRef | undefined;
     const after = index.consumersOf(treeOut);
-    if (after.length === 1 && isOp(after[0], 'BatchNormalization') && after[0].inputs[0] === treeOut && index.usedOnlyBy(treeOut, after[0])) {
+    if (after.length === 1 && isOp(after[0], 'BatchNormalization') && after[0].inputs[0] === treeOut && after[0].outputs[0] && index.usedOnlyBy(treeOut, after[0])) {
       postBN = bnRef(after[0]);
       checkBNChannels(postBN, cout);
       output = after[0].outputs[0];
@@ -461,7 +473,13 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
   const roots = nodes.filter((n) => isAddLike(n) && !isInner(n));
   /** `report`: list a rejection of this tree (off inside a tree that is itself rejected). */
   const visit = (root: OnnxNode, report = true): boolean => {
-    const res = analyze(root);
+    let res: ReturnType<typeof analyze>;
+    try {
+      res = analyze(root);
+    } catch (err) {
+      if (err instanceof TooBig) return false; // a sum of that many terms is no re-parameterization block, nor are its parts
+      throw err;
+    }
     if (res && typeof res === 'object' && 'info' in res) {
       for (const n of res.nodes) claimed.add(n);
       det.blocks.push(res);
@@ -484,7 +502,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
   // ----- standalone Conv → BN -------------------------------------------------------------------
   if (opts.foldBN) {
     for (const n of nodes) {
-      if (!isOp(n, 'BatchNormalization') || claimed.has(n)) continue;
+      if (!isOp(n, 'BatchNormalization') || claimed.has(n) || !n.outputs[0]) continue;
       const conv = index.producer.get(n.inputs[0]);
       if (!isOp(conv, 'Conv') || claimed.has(conv)) continue;
       const name = commonScopeName([conv.name, n.name]) ?? n.outputs[0];

@@ -12,6 +12,9 @@ export interface ConstRef {
   via: OnnxNode[];
 }
 
+/** Identity nodes followed from a constant to its use (exporters insert one or two). */
+export const MAX_IDENTITY_HOPS = 64;
+
 export class GraphIndex {
   readonly producer = new Map<string, OnnxNode>();
   readonly consumers = new Map<string, OnnxNode[]>();
@@ -70,20 +73,29 @@ export class GraphIndex {
     return res;
   }
 
+  /** Follows Identity nodes back to an initializer or Constant: iteratively, at most MAX_IDENTITY_HOPS. */
   private resolve(name: string): ConstRef | undefined {
-    const init = this.graph.initializers.get(name);
-    const p = this.producer.get(name);
-    if (init && !p) return { tensor: init, initializer: name, via: [] };
-    if (!p) return undefined;
-    if (p.opType === 'Identity' && (p.domain === '' || p.domain === 'ai.onnx')) {
-      const inner = this.constant(p.inputs[0]);
-      return inner ? { ...inner, via: [...inner.via, p] } : undefined;
+    const identities: OnnxNode[] = [];
+    let t = name;
+    for (;;) {
+      const init = this.graph.initializers.get(t);
+      const p = this.producer.get(t);
+      const via = () => identities.reverse();
+      if (init && !p) return { tensor: init, initializer: t, via: via() };
+      if (!p) return undefined;
+      if (p.opType === 'Identity' && (p.domain === '' || p.domain === 'ai.onnx')) {
+        // A cycle (corrupt graph) or an absurdly long chain: not a constant.
+        if (identities.length >= MAX_IDENTITY_HOPS || identities.includes(p)) return undefined;
+        identities.push(p);
+        t = p.inputs[0];
+        continue;
+      }
+      if (p.opType === 'Constant' && (p.domain === '' || p.domain === 'ai.onnx')) {
+        const c = constantNodeTensor(p, t, this.model.path);
+        return c ? { tensor: c, via: [p, ...via()] } : undefined;
+      }
+      return undefined;
     }
-    if (p.opType === 'Constant' && (p.domain === '' || p.domain === 'ai.onnx')) {
-      const t = constantNodeTensor(p, name, this.model.path);
-      return t ? { tensor: t, via: [p] } : undefined;
-    }
-    return undefined;
   }
 }
 

@@ -206,6 +206,9 @@ function moduleState(v: PyValue | undefined): PyDict | undefined {
   return s.get('_parameters') !== undefined && s.get('_modules') !== undefined ? s : undefined;
 }
 
+/** Nesting (dicts, lists, objects, states) below which namedTensors does not look for tensors. */
+const MAX_NAME_DEPTH = 1024;
+
 /**
  * Every tensor reachable from `root`, named like state_dict keys: dict keys and list indexes joined
  * with '.', nn.Module objects expanded through `_parameters`, `_buffers` and `_modules` (so a
@@ -215,9 +218,11 @@ function moduleState(v: PyValue | undefined): PyDict | undefined {
 export function namedTensors(root: PyValue): Map<string, TorchTensor> {
   const out = new Map<string, TorchTensor>();
   const seen = new Set<object>();
-  const work: [PyValue, string][] = [[root, '']];
+  const work: [PyValue, string, number][] = [[root, '', 0]];
   while (work.length) {
-    const [v, prefix] = work.pop() as [PyValue, string];
+    const [v, prefix, depth] = work.pop() as [PyValue, string, number];
+    // Names of values nested deeper than any real checkpoint would cost time and memory quadratic in the depth.
+    if (depth > MAX_NAME_DEPTH) continue;
     if (v instanceof TorchTensor) {
       if (!out.has(prefix)) out.set(prefix, v);
       continue;
@@ -253,7 +258,7 @@ export function namedTensors(root: PyValue): Map<string, TorchTensor> {
       if (v.dictItems) for (const [k, x] of v.dictItems) if (typeof k === 'string') children.push([x, join(prefix, k)]);
       if (v.listItems) v.listItems.forEach((x, i) => children.push([x, join(prefix, String(i))]));
     }
-    for (let i = children.length - 1; i >= 0; i--) work.push(children[i]);
+    for (let i = children.length - 1; i >= 0; i--) work.push([children[i][0], children[i][1], depth + 1]);
   }
   return out;
 }

@@ -752,8 +752,10 @@ export class Unpickler {
   private append(target: PyValue, items: PyValue[]): void {
     if (Array.isArray(target)) {
       for (const it of items) target.push(it);
-    } else if (target instanceof PyObject) (target.listItems ??= []).push(...items);
-    else this.fail(`APPEND to a ${pyTypeName(target)}`);
+    } else if (target instanceof PyObject) {
+      const list = (target.listItems ??= []);
+      for (const it of items) list.push(it); // not push(...items): a long MARK run would overflow the stack
+    } else this.fail(`APPEND to a ${pyTypeName(target)}`);
   }
 
   private setItems(target: PyValue, items: PyValue[]): void {
@@ -963,7 +965,7 @@ export class Unpickler {
           const items = this.popMark();
           const target = this.top();
           if (target instanceof PySet) for (const it of items) target.add(it);
-          else if (target instanceof PyObject) (target.listItems ??= []).push(...items);
+          else if (target instanceof PyObject) this.append(target, items);
           else this.fail(`ADDITEMS to a ${pyTypeName(target)}`);
           break;
         }
