@@ -1,12 +1,12 @@
 // The fuse job shared by the CLI and the extension: analyze, write, validate in a child process.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { RepFuseError } from './core/errors';
+import { FormatError, FusionError, RepFuseError } from './core/errors';
 import { readNpy } from './core/npy';
-import { analyzeOnnx, type EngineOptions, inspectOnnxFile, openOnnx, writeFused } from './core/onnx';
+import { analyzeOnnx, type EngineOptions, onnxBlockData, openOnnx, writeFused } from './core/onnx';
 import { type InputSpec, resolveInputs } from './core/onnx/inputs';
 import type { FuseReport } from './core/report';
-import type { InspectReport } from './core/model';
+import type { BlockData, InspectReport } from './core/model';
 import { validateInChild } from './validate';
 import { DType, dtypeName } from './core/dtype';
 import { analyzeCheckpoint, type CheckpointAnalysis, checkpointBlockData, isCheckpointPath, writeCheckpoint, writtenValues } from './core/checkpoint';
@@ -69,17 +69,72 @@ export function defaultOutput(input: string, suffix = '.fused'): string {
   return path.join(path.dirname(input), `${path.basename(input, ext)}${suffix}${ext}`);
 }
 
-export function inspect(file: string, opts: EngineOptions & { eps?: number }): InspectReport {
-  if (modelKind(file) === 'checkpoint') {
-    const a = analyzeCheckpoint(file, { eps: opts.eps });
-    a.close();
-    return a.report;
+/**
+ * Runs the validation step of a fuse whose output is already written: if the job is cancelled
+ * meanwhile, the output is removed again (a cancelled fuse leaves nothing behind) and the
+ * cancellation's reason is thrown instead of the validation error.
+ */
+async function cancellable<T>(signal: AbortSignal | undefined, outputs: (string | null | undefined)[], run: () => Promise<T>): Promise<T> {
+  try {
+    const r = await run();
+    if (!signal?.aborted) return r;
+  } catch (err) {
+    if (!signal?.aborted) throw err;
   }
-  return inspectOnnxFile(file, opts);
+  for (const o of outputs) if (o) fs.rmSync(o, { force: true });
+  throw signal.reason ?? new RepFuseError('cancelled.');
+}
+
+/** Errors about the file's content from layers that do not know its name (fusion, module trees) get it. */
+function naming(file: string, err: unknown): unknown {
+  if ((err instanceof FormatError || err instanceof FusionError) && !err.file) err.file = file;
+  return err;
+}
+
+/** A model opened for inspection and kept open for per-block statistics (ONNX or checkpoint). */
+export interface OpenedModel {
+  kind: ModelKind;
+  report: InspectReport;
+  /** Branch numbers of one block, read when asked. */
+  blockData(block: string): BlockData;
+  close(): void;
+}
+
+export function openModel(file: string, opts: EngineOptions & { eps?: number }): OpenedModel {
+  try {
+    const kind = modelKind(file); // a one-line error for anything else
+    if (kind === 'checkpoint') {
+      const a = analyzeCheckpoint(file, { eps: opts.eps });
+      return { kind, report: a.report, blockData: (b) => checkpointBlockData(a, b), close: () => a.close() };
+    }
+    const model = openOnnx(file);
+    try {
+      const a = analyzeOnnx(model, opts);
+      return { kind, report: a.report, blockData: (b) => onnxBlockData(a, b), close: () => model.close() };
+    } catch (err) {
+      model.close();
+      throw err;
+    }
+  } catch (err) {
+    throw naming(file, err);
+  }
+}
+
+export function inspect(file: string, opts: EngineOptions & { eps?: number }): InspectReport {
+  const m = openModel(file, opts);
+  m.close();
+  return m.report;
 }
 
 export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport> {
-  if (modelKind(input) === 'checkpoint') return fuseCheckpoint(input, opts);
+  try {
+    return await (modelKind(input) === 'checkpoint' ? fuseCheckpoint(input, opts) : fuseOnnx(input, opts));
+  } catch (err) {
+    throw naming(input, err);
+  }
+}
+
+async function fuseOnnx(input: string, opts: FuseOptions): Promise<FuseReport> {
   const t0 = performance.now();
   const timings: Record<string, number> = {};
   const out = path.resolve(opts.output ?? defaultOutput(input));
@@ -139,9 +194,11 @@ export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport
   } else if (inputs) {
     opts.onProgress?.('validating with onnxruntime');
     const t2 = performance.now();
-    report.validation = await validateInChild(
-      { type: 'validate', original: input, fused: report.output!, blocks, inputs, seed: opts.seed, atol: opts.atol, rtol: opts.rtol, threads: 0 },
-      { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress },
+    report.validation = await cancellable(opts.signal, [report.output, report.externalData], () =>
+      validateInChild(
+        { type: 'validate', original: input, fused: report.output!, blocks, inputs, seed: opts.seed, atol: opts.atol, rtol: opts.rtol, threads: 0 },
+        { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress },
+      ),
     );
     timings.validate = performance.now() - t2;
   }
@@ -226,9 +283,8 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
       rtol = low.includes(DType.bfloat16) ? 1e-2 : 5e-3;
       report.inspect.model.notes.push(`fused weights are stored as ${low.map(dtypeName).join('/')}: rounding each weight costs ~${low.includes(DType.bfloat16) ? '4e-3' : '5e-4'} relative, so validation uses rtol ${rtol} (set --rtol to override)`);
     }
-    report.validation = await validateInChild(
-      { type: 'validate-pairs', pairs, seed: opts.seed, atol: opts.atol, rtol },
-      { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress },
+    report.validation = await cancellable(opts.signal, [report.output], () =>
+      validateInChild({ type: 'validate-pairs', pairs, seed: opts.seed, atol: opts.atol, rtol }, { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress }),
     );
     timings.validate = performance.now() - t2;
     timings.total = performance.now() - t0;
@@ -239,4 +295,3 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
   }
 }
 
-export { checkpointBlockData };

@@ -5,11 +5,15 @@ import type { BlockData, BlockInfo, BranchData } from './model';
 
 const kindLabel: Record<string, string> = { conv: 'conv', conv_bn: 'conv+bn', bn_identity: 'bn(x)', identity: 'x' };
 
-/** Builds BlockData from a fusion spec: each branch's contribution is that branch fused alone. */
+/**
+ * Builds BlockData from a fusion spec: each branch's contribution is that branch fused alone. A BN
+ * channel with variance + eps ≤ 0 does not stop the statistics (fusion refuses it): its values
+ * become NaN there, which the statistics count and show.
+ */
 export function blockDataFromSpec(block: BlockInfo, spec: FuseSpec): BlockData {
   const branches: BranchData[] = spec.terms.map((t: ConvTerm | IdentityTerm, i) => {
     const info = block.branches[i];
-    const alone = fuseBlock({ ...spec, terms: [t], postBN: undefined });
+    const alone = fuseBlock({ ...spec, terms: [t], postBN: undefined }, { invalidBN: 'nan' });
     const label = `${info.kernel ? info.kernel.join('×') + ' ' : ''}${kindLabel[info.kind]}${info.scaled ? '·α' : ''}`;
     const d: BranchData = { label, kind: info.kind, contribution: { shape: alone.shape, weight: alone.weight, bias: alone.bias } };
     if (t.kind === 'conv') {
@@ -20,7 +24,7 @@ export function blockDataFromSpec(block: BlockInfo, spec: FuseSpec): BlockData {
     if (t.bn) d.bn = { gamma: t.bn.gamma, beta: t.bn.beta, mean: t.bn.mean, variance: t.bn.variance, eps: t.bn.eps };
     return d;
   });
-  const fused = fuseBlock(spec);
+  const fused = fuseBlock(spec, { invalidBN: 'nan' });
   return {
     block,
     branches,

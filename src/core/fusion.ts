@@ -56,8 +56,16 @@ export interface FusedConv {
   shape: number[];
 }
 
+export interface PrepareOptions {
+  /**
+   * A BN channel whose variance + eps is not positive: 'refuse' (default: a FusionError), or 'nan'
+   * (statistics only: the channel's scale and shift are NaN, so the statistics count it).
+   */
+  invalidBN?: 'refuse' | 'nan';
+}
+
 /** Per-channel (scale, shift) of a BN; refuses channels whose variance + eps is not positive. */
-export function bnScaleShift(bn: BNParams, channels: number, where: string): { scale: Float64Array; shift: Float64Array } {
+export function bnScaleShift(bn: BNParams, channels: number, where: string, invalid: PrepareOptions['invalidBN'] = 'refuse'): { scale: Float64Array; shift: Float64Array } {
   for (const [label, arr] of [['weight (γ)', bn.gamma], ['bias (β)', bn.beta], ['running mean', bn.mean], ['running variance', bn.variance]] as const) {
     if (arr.length !== channels) throw new FusionError(`${where}: BN ${label} has ${arr.length} values, expected ${channels}.`);
   }
@@ -66,6 +74,10 @@ export function bnScaleShift(bn: BNParams, channels: number, where: string): { s
   for (let c = 0; c < channels; c++) {
     const d = bn.variance[c] + bn.eps;
     if (!(d > 0)) {
+      if (invalid === 'nan') {
+        scale[c] = shift[c] = NaN;
+        continue;
+      }
       throw new FusionError(`${where}: BN channel ${c} has running variance ${bn.variance[c]} + eps ${bn.eps} ≤ 0 (or NaN); refusing to fuse.`);
     }
     scale[c] = bn.gamma[c] / Math.sqrt(d);
@@ -86,7 +98,7 @@ function checkKernel(spec: FuseSpec, k: number[]): number[] {
 const factorOf = (sc: ConvTerm['scale'], o: number): number =>
   sc === undefined ? 1 : typeof sc === 'number' ? sc : sc.length === 1 ? sc[0] : sc[o];
 
-interface PreparedTerm {
+export interface PreparedTerm {
   term: ConvTerm | IdentityTerm;
   /** Spatial size of the term's kernel (1 for identity). */
   ks: number;
@@ -111,7 +123,7 @@ export interface PreparedFusion {
 }
 
 /** Validates the spec and precomputes everything per channel; reads no weight. */
-export function prepareFusion(spec: FuseSpec): PreparedFusion {
+export function prepareFusion(spec: FuseSpec, opts: PrepareOptions = {}): PreparedFusion {
   const { outChannels: cout, inPerGroup: cpg, groups, kernel } = spec;
   const spatial = kernel.reduce((a, b) => a * b, 1);
   const kStrides = kernel.map((_, i) => kernel.slice(i + 1).reduce((a, b) => a * b, 1));
@@ -128,7 +140,7 @@ export function prepareFusion(spec: FuseSpec): PreparedFusion {
       }
       let mult: Float64Array | undefined;
       if (term.bn) {
-        const { scale, shift } = bnScaleShift(term.bn, cout, spec.name);
+        const { scale, shift } = bnScaleShift(term.bn, cout, spec.name, opts.invalidBN);
         mult = scale;
         tb.set(shift);
       }
@@ -145,7 +157,7 @@ export function prepareFusion(spec: FuseSpec): PreparedFusion {
       if (sc !== undefined && typeof sc !== 'number' && sc.length !== 1 && sc.length !== cout) {
         throw new FusionError(`${spec.name}: a factor has ${sc.length} values, expected 1 or ${cout}.`);
       }
-      const bn = term.bn ? bnScaleShift(term.bn, cout, spec.name) : undefined;
+      const bn = term.bn ? bnScaleShift(term.bn, cout, spec.name, opts.invalidBN) : undefined;
       let mult: Float64Array | undefined;
       if (bn || sc !== undefined) {
         mult = new Float64Array(cout);
@@ -174,7 +186,7 @@ export function prepareFusion(spec: FuseSpec): PreparedFusion {
   }
   let postScale: Float64Array | undefined;
   if (spec.postBN) {
-    const { scale, shift } = bnScaleShift(spec.postBN, cout, spec.name);
+    const { scale, shift } = bnScaleShift(spec.postBN, cout, spec.name, opts.invalidBN);
     postScale = scale;
     for (let o = 0; o < cout; o++) bias[o] = bias[o] * scale[o] + shift[o];
   }
@@ -193,7 +205,7 @@ function isRows(w: ConvTerm['weight']): w is WeightRows {
 }
 
 /** Weight rows of output channels [o0, o1) as a flat array (the term's own kernel size). */
-function rowsOf(w: ConvTerm['weight'], o0: number, o1: number, per: number): ArrayLike<number> {
+export function rowsOf(w: ConvTerm['weight'], o0: number, o1: number, per: number): ArrayLike<number> {
   if (isRows(w)) return w.rows(o0, o1);
   if (Array.isArray(w)) return w.slice(o0 * per, o1 * per);
   return (w as Float32Array).subarray(o0 * per, o1 * per);
@@ -220,6 +232,18 @@ export function fuseRange(p: PreparedFusion, o0: number, o1: number, out: Float6
     const w = rowsOf(t.term.weight, o0, o1, cpg * t.ks);
     if (!touched && t.ks === spatial && !t.mult && (w instanceof Float32Array || w instanceof Float64Array)) {
       out.set(w); // native widening copy: the usual PyTorch export (BN already folded into the conv)
+      touched = true;
+      continue;
+    }
+    if (!touched && t.ks === spatial) {
+      // First full-size term with a per-channel factor (conv+BN in checkpoints): a scaled copy,
+      // no zero fill and no read-modify-write.
+      const m = cpg * t.ks;
+      for (let o = o0; o < o1; o++) {
+        const f = t.mult ? t.mult[o] : 1;
+        const base = (o - o0) * m;
+        for (let i = 0; i < m; i++) out[base + i] = w[base + i] * f;
+      }
       touched = true;
       continue;
     }
@@ -258,8 +282,8 @@ export function fuseRange(p: PreparedFusion, o0: number, o1: number, out: Float6
  * Fuses the terms of one block into a single convolution. Smaller kernels are zero-padded to the
  * centre; the identity becomes a kernel with scale[o] at [o, o mod (C/groups), centre].
  */
-export function fuseBlock(spec: FuseSpec): FusedConv {
-  const p = prepareFusion(spec);
+export function fuseBlock(spec: FuseSpec, opts: PrepareOptions = {}): FusedConv {
+  const p = prepareFusion(spec, opts);
   const weight = new Float64Array(spec.outChannels * p.perChannel);
   fuseRange(p, 0, spec.outChannels, weight);
   return { weight, bias: p.bias, shape: [spec.outChannels, spec.inPerGroup, ...spec.kernel] };

@@ -6,7 +6,8 @@ import * as path from 'node:path';
 import { type ByteSource, FileSource, pipeRange } from './bytes';
 import { DType, dtypeName, dtypeSize } from './dtype';
 import { FormatError, RepFuseError } from './errors';
-import { checkpoint, writeAtomically } from './torch/atomic';
+import { checkpoint, writeAtomically } from './atomic';
+import { countedStream } from './torch/save';
 import { contiguousStrides, isContiguous, NewTensor, readTensorBytes, TorchStorage, TorchTensor } from './torch/tensor';
 
 /** safetensors dtype names → element types (the ones RepFuse can represent). */
@@ -149,7 +150,10 @@ function planOne(name: string, t: SafetensorsInput): Planned {
       const at = st.offset + t.storageOffset * es;
       write = (emit) => pipeRange(st.source, at, bytes, emit);
     } else write = (emit) => emit(readTensorBytes(t));
-  } else if (t instanceof NewTensor) write = (emit) => emit(readTensorBytes(t));
+  } else if (t instanceof NewTensor) {
+    const stream = t.storage.stream;
+    write = stream && t.storage.numel === shape.reduce((a, b) => a * b, 1) ? (emit) => countedStream(stream, emit, bytes, dtype, t.storage.numel) : (emit) => emit(readTensorBytes(t));
+  }
   else {
     write = (emit) => {
       const b = t.produce();

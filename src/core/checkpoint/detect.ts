@@ -88,6 +88,11 @@ export interface CkptDetection {
 export interface CkptDetectOptions {
   /** Overrides every BN epsilon (for bare state_dicts whose family default is wrong). */
   eps?: number;
+  /**
+   * Whether the tensors are in module order, so "the layer before" a block means something
+   * (true for torch state_dicts; safetensors sorts its names).
+   */
+  moduleOrder?: boolean;
 }
 
 class Reject extends Error {}
@@ -142,6 +147,9 @@ function asConvBN(n: ModuleNode | undefined, eps: (n: ModuleNode) => Pick<BNRef,
 
 const fmt = (k: number[]) => k.join('×');
 
+/** Elements held by a module's own tensors (a BN's num_batches_tracked included). */
+const tensorCount = (n: ModuleNode | undefined): number => (n ? [...n.tensors.values()].reduce((a, t) => a + numelOf(t.shape), 0) : 0);
+
 export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {}): CkptDetection {
   const det: CkptDetection = { blocks: [], rejected: [] };
   const claimed = new Set<ModuleNode>();
@@ -155,6 +163,7 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
   const inferred = new Map<ModuleNode, string>();
   /** Output channels of the nearest module before `n` (in state_dict order) that holds tensors. */
   function previousOutChannels(n: ModuleNode): number | undefined {
+    if (opts.moduleOrder === false) return undefined;
     const i = order.indexOf(n);
     for (let j = i - 1; j >= 0; j--) {
       const m = order[j];
@@ -331,9 +340,24 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       groups = groupsList[0]!;
       if (groupsList.some((g) => g !== groups)) throw new Reject(`branches have different groups (${groupsList.join(', ')}).`);
     } else {
-      // In a state_dict, groups follow from the weights only when the block keeps its width.
-      groups = hasId ? cout / cpg : cpg === 1 && cout > 1 && /dw|RepVGGDW|repvit|ultralytics_repvggdw/i.test(family) ? cout : 1;
-      assumptions.push(`groups ${groups} inferred from weight shapes`);
+      // A state_dict stores in/groups per weight, not groups: with an identity branch the block
+      // keeps its width; otherwise the input width is read off the layer before the block.
+      const before = hasId ? undefined : previousOutChannels(node);
+      if (hasId) {
+        groups = cout / cpg;
+        assumptions.push(`groups ${groups} inferred from weight shapes (identity: in = out = ${cout} channels)`);
+      } else if (before !== undefined && before % cpg === 0 && cout % (before / cpg) === 0) {
+        groups = before / cpg;
+        assumptions.push(`groups ${groups} inferred: the layer before outputs ${before} channels, the weights take ${cpg} per group`);
+      } else if (cpg === 1 && cout > 1) {
+        // One input channel per output channel: a depthwise conv (MobileOne, RepVGGDW) far more
+        // often than a conv over a single-channel input.
+        groups = cout;
+        assumptions.push(`groups ${groups} assumed (depthwise: one input channel per weight; the input width is not stored)`);
+      } else {
+        groups = 1;
+        assumptions.push('groups 1 assumed (the input width is not stored in a state_dict)');
+      }
     }
     const cin = cpg * groups;
     if (hasId) {
@@ -358,7 +382,7 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       epsilon: b.bn?.eps,
       epsilonSource: b.bn?.epsSource,
       scaled: !!b.scale,
-      params: (b.conv ? numelOf(b.conv.weight.shape) + (b.conv.bias ? cout : 0) : 0) + (b.bn ? 4 * cout : 0) + (b.scale ? numelOf(b.scale.shape) : 0),
+      params: tensorCount(b.conv?.node) + tensorCount(b.bn?.node) + (b.scale ? numelOf(b.scale.shape) : 0),
       dtype: b.conv ? dtypeName(b.conv.weight.dtype) : undefined,
       parts: [b.conv?.node.path, b.bn?.node.path].filter((x): x is string => !!x),
     }));
@@ -373,7 +397,7 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       branches: branchInfos,
       postBN: postBN ? { epsilon: postBN.eps, epsilonSource: postBN.epsSource } : undefined,
       output: node.path,
-      paramsBefore: branchInfos.reduce((a, b) => a + b.params, 0) + (foldPost ? 4 * cout : 0),
+      paramsBefore: branchInfos.reduce((a, b) => a + b.params, 0) + (foldPost ? tensorCount(postBN!.node) : 0),
       paramsAfter: cout * cpg * numelOf(kernel) + cout,
       assumptions: assumptions.length ? assumptions : undefined,
       deployName: def.deployName,

@@ -19,7 +19,7 @@ export function ckptBlockSpec(block: CkptBlock): FuseSpec {
     if (!b.conv) return { kind: 'identity', bn: b.bn ? bnParams(b.bn) : undefined };
     return {
       kind: 'conv',
-      weight: b.conv.weight.read(),
+      weight: b.conv.weight.rows ? { rows: b.conv.weight.rows } : b.conv.weight.read(),
       kernel: b.conv.kernel,
       bias: b.conv.bias?.read(),
       bn: b.bn ? bnParams(b.bn) : undefined,

@@ -3,26 +3,28 @@
 // state_dict (.pt / .safetensors), or the checkpoint itself with its blocks switched to deploy form.
 import * as path from 'node:path';
 import { blockDataFromSpec } from '../blockdata';
-import { FileSource } from '../bytes';
+import { FileSource, readInto } from '../bytes';
 import { DType, decodeNumbers, dtypeName, dtypeSize, encodeFloats, isFloatType, type NumArray } from '../dtype';
-import { RepFuseError } from '../errors';
+import { FormatError, RepFuseError } from '../errors';
 import { prepareFusion, type PreparedFusion } from '../fusion';
 import { checkFinite, streamFusedWeight } from '../fusestream';
 import type { BlockData, InspectReport, ModelSummary } from '../model';
 import { looksLikeSafetensors, readSafetensors, type SafetensorsFile, writeSafetensors } from '../safetensors';
 import { openTorch, type TorchFile } from '../torch/load';
-import { NewTensor, readTensor, TorchTensor } from '../torch/tensor';
+import { isContiguous, NewStorage, NewTensor, readTensor, TorchTensor } from '../torch/tensor';
 import { PyDict, PyObject, PyTuple, type PyValue, pyNumber } from '../torch/values';
 import { writeTorchZip } from '../torch/save';
 import { type CkptBlock, type CkptDetection, detectCheckpoint, FAMILIES } from './detect';
 import { ckptBlockSpec } from './fuse';
-import { type CkptTensor, child, keysUnder, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
+import { type CkptTensor, child, keysUnder, MAX_MODULE_DEPTH, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
 
 export { FAMILIES } from './detect';
 
 export interface CheckpointOptions {
   /** Overrides every BN epsilon (bare state_dicts whose family default does not apply). */
   eps?: number;
+  /** Tensors come in module order (false for safetensors, which sorts names). */
+  moduleOrder?: boolean;
 }
 
 /** One set of weights found in the file: a state_dict or an nn.Module object. */
@@ -77,15 +79,30 @@ function plainAttr(v: PyValue): unknown {
 }
 
 function ckptTensor(key: string, t: TorchTensor): CkptTensor {
-  return { key, dtype: t.dtype, shape: t.shape, read: () => readTensor(t) };
+  const ct: CkptTensor = { key, dtype: t.dtype, shape: t.shape, read: () => readTensor(t) };
+  const es = dtypeSize(t.dtype);
+  if (es && isContiguous(t) && t.shape.length >= 2 && isFloatType(t.dtype)) {
+    // Weights are read slice by slice (rows of output channels) into one reused buffer.
+    const per = numelOf(t.shape.slice(1));
+    let buf: Uint8Array | undefined;
+    ct.rows = (o0, o1) => {
+      const len = (o1 - o0) * per * es;
+      if (!buf || buf.length < len) buf = new Uint8Array(len);
+      const b = buf.subarray(0, len);
+      readInto(t.storage.source, b, t.storage.offset + (t.storageOffset + o0 * per) * es);
+      return decodeNumbers(b, t.dtype, t.storage.source.name);
+    };
+  }
+  return ct;
 }
 
 /** Walks an nn.Module object like state_dict(): parameters, persistent buffers, then children. */
 function moduleTree(obj: PyObject, tensors: Map<string, TorchTensor>): ModuleNode {
   const root = newNode('', '');
   const seen = new Set<PyObject>();
-  const visit = (o: PyObject, node: ModuleNode) => {
+  const visit = (o: PyObject, node: ModuleNode, depth: number) => {
     if (seen.has(o)) return;
+    if (depth > MAX_MODULE_DEPTH) throw new FormatError(`the pickled modules nest more than ${MAX_MODULE_DEPTH} levels deep (at '${node.path.slice(0, 60)}…'); refusing the file.`);
     seen.add(o);
     node.className = o.className;
     const st = o.state as PyDict;
@@ -111,11 +128,11 @@ function moduleTree(obj: PyObject, tensors: Map<string, TorchTensor>): ModuleNod
     const mods = st.get('_modules');
     if (mods instanceof PyDict) {
       for (const [k, v] of mods) {
-        if (typeof k === 'string' && isModule(v)) visit(v, child(node, k));
+        if (typeof k === 'string' && isModule(v)) visit(v, child(node, k), depth + 1);
       }
     }
   };
-  visit(obj, root);
+  visit(obj, root, 0);
   return root;
 }
 
@@ -216,9 +233,10 @@ export function analyzeCheckpoint(file: string, opts: CheckpointOptions = {}): C
   let st: SafetensorsFile | undefined;
   try {
     let located: { primary: WeightSet; modules: WeightSet[] };
-    if (looksLikeSafetensors(src)) {
+    // By content, or by name: a .safetensors file with a broken header gets the safetensors reader's error.
+    if (looksLikeSafetensors(src) || path.extname(file).toLowerCase() === '.safetensors') {
       st = readSafetensors(src);
-      located = { primary: fromStateDict('', st.tensors, opts), modules: [] };
+      located = { primary: fromStateDict('', st.tensors, { ...opts, moduleOrder: false }), modules: [] };
     } else {
       torch = openTorch(src);
       located = locate(torch.root, file, opts);
@@ -271,7 +289,7 @@ export function fusedTensors(block: CkptBlock, dtype: DType, asParameter = false
   let prep: PreparedFusion | undefined;
   const prepared = () => (prep ??= prepareFusion(ckptBlockSpec(block)));
   const shape = [block.outChannels, block.inPerGroup, ...block.kernel];
-  const weight = new NewTensor(dtype, shape, () => {
+  const storage = new NewStorage(dtype, numelOf(shape), () => {
     const out = new Uint8Array(numelOf(shape) * dtypeSize(dtype)!);
     let pos = 0;
     streamFusedWeight(prepared(), dtype, (c) => {
@@ -279,7 +297,10 @@ export function fusedTensors(block: CkptBlock, dtype: DType, asParameter = false
       pos += c.length;
     });
     return out;
-  }, asParameter, asParameter);
+  });
+  // Writers that can stream take the weight slice by slice, never whole.
+  storage.stream = (emit) => streamFusedWeight(prepared(), dtype, emit);
+  const weight = new NewTensor(dtype, shape, storage, asParameter, asParameter);
   const bias = new NewTensor(dtype, [block.outChannels], () => {
     const p = prepared();
     checkFinite(p.bias, `${p.spec.name}: the fused bias`);
@@ -375,6 +396,29 @@ function deployModule(block: CkptBlock, obj: PyObject, dtype?: DType): void {
   }
 }
 
+/** Converts every float parameter and buffer of a module tree to `dtype`, in place. */
+function convertModuleTensors(root: PyObject, dtype: DType): void {
+  const seen = new Set<PyObject>();
+  const visit = (o: PyObject) => {
+    if (seen.has(o)) return;
+    seen.add(o);
+    const st = o.state as PyDict;
+    for (const field of ['_parameters', '_buffers']) {
+      const d = st.get(field);
+      if (!(d instanceof PyDict)) continue;
+      for (const [k, v] of d) {
+        if (v instanceof TorchTensor && isFloatType(v.dtype) && v.dtype !== dtype) {
+          const t = v;
+          d.set(k, new NewTensor(dtype, t.shape, () => encodeFloats(Float64Array.from(readTensor(t) as ArrayLike<number>), dtype), t.requiresGrad, t.isParameter));
+        }
+      }
+    }
+    const mods = st.get('_modules');
+    if (mods instanceof PyDict) for (const [, v] of mods) if (isModule(v)) visit(v);
+  };
+  visit(root);
+}
+
 /** The PyObject of `target` (a node under `blockNode`), found by walking `_modules` from the block object. */
 function findModule(blockObj: PyObject, blockNode: ModuleNode, target: ModuleNode): PyObject | undefined {
   const rel = target.path.slice(blockNode.path.length).split('.').filter(Boolean);
@@ -408,6 +452,8 @@ export async function writeCheckpoint(a: CheckpointAnalysis, out: string, opts: 
   if (opts.keepModules) {
     if (!a.modules.length || !a.torch) throw new RepFuseError('--keep-modules needs a checkpoint that holds module objects (a full-module pickle); this one holds a state_dict.', a.path);
     for (const w of a.modules) {
+      // A dtype applies to the whole module, not just the fused convs: no mixed precision.
+      if (opts.dtype !== undefined) convertModuleTensors(w.module!, opts.dtype);
       for (const b of w.detection.blocks) {
         const obj = moduleAt(w.module!, b.node.path);
         if (!obj) throw new RepFuseError(`cannot find module '${b.node.path}' in '${w.entry}'.`, a.path);

@@ -1,6 +1,14 @@
 // The module tree of a checkpoint: built from a pickled nn.Module hierarchy (class names and
 // attributes known) or from the dotted keys of a bare state_dict (structure only).
 import type { NumArray } from '../dtype';
+import { FormatError } from '../errors';
+
+/**
+ * Deepest module nesting accepted. Real models nest a few levels (PyTorch's pickler could not
+ * save more than a few hundred); a hostile `a.a.a.…` key or module chain would otherwise cost
+ * time and memory quadratic in its depth.
+ */
+export const MAX_MODULE_DEPTH = 256;
 
 /** A tensor of a checkpoint, read lazily. */
 export interface CkptTensor {
@@ -9,6 +17,8 @@ export interface CkptTensor {
   dtype: number;
   shape: number[];
   read(): NumArray;
+  /** Rows of output channels [o0, o1) of a contiguous float weight, read lazily (buffer reused). */
+  rows?(o0: number, o1: number): NumArray;
 }
 
 export interface ModuleNode {
@@ -44,6 +54,9 @@ export function treeFromStateDict(entries: CkptTensor[], stripPrefix = ''): Modu
   for (const t of entries) {
     const key = stripPrefix && t.key.startsWith(stripPrefix) ? t.key.slice(stripPrefix.length) : t.key;
     const parts = key.split('.');
+    if (parts.length > MAX_MODULE_DEPTH) {
+      throw new FormatError(`state_dict key '${key.slice(0, 60)}…' nests ${parts.length - 1} modules deep, more than ${MAX_MODULE_DEPTH}; refusing the file.`);
+    }
     const leaf = parts.pop()!;
     let node = root;
     for (const p of parts) node = child(node, p);

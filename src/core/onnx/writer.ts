@@ -1,8 +1,8 @@
 // ONNX writer: re-emits a model from the original bytes plus a Plan of changes. Untouched fields
 // (nodes, initializers, metadata, fields this schema does not know) are copied byte for byte;
 // big tensor data is streamed, never re-encoded. Output goes to a temp file that is renamed.
-import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { commitTemp, discardTemp, writeTemp } from '../atomic';
 import { type ByteSource, pipeRange } from '../bytes';
 import { dtypeSize } from '../dtype';
 import { RepFuseError } from '../errors';
@@ -216,33 +216,6 @@ function layoutModel(model: OnnxModel, plan: Plan, opts: WriteOptions, data: { l
   return m;
 }
 
-/** Buffers small writes; passes big chunks straight through. */
-class FileSink {
-  private buf = new Uint8Array(1 << 20);
-  private used = 0;
-  written = 0;
-  constructor(private fd: number) {}
-  write(chunk: Uint8Array): void {
-    if (chunk.length >= this.buf.length) {
-      this.flush();
-      this.writeAll(chunk);
-      return;
-    }
-    if (this.used + chunk.length > this.buf.length) this.flush();
-    this.buf.set(chunk, this.used);
-    this.used += chunk.length;
-  }
-  flush(): void {
-    if (this.used) this.writeAll(this.buf.subarray(0, this.used));
-    this.used = 0;
-  }
-  private writeAll(b: Uint8Array): void {
-    let off = 0;
-    while (off < b.length) off += fs.writeSync(this.fd, b, off, b.length - off);
-    this.written += b.length;
-  }
-}
-
 async function emit(layout: Layout, sink: (chunk: Uint8Array) => void, signal?: AbortSignal): Promise<void> {
   let sinceYield = 0;
   for (const p of layout.pieces) {
@@ -270,33 +243,6 @@ function wantsExternal(model: OnnxModel, plan: Plan, opts: WriteOptions): boolea
   if (opts.externalData === false || opts.keepExternalReferences) return false;
   if (model.usesExternalData) return true;
   return layoutModel(model, plan, opts, undefined).length > PROTO_LIMIT - (64 << 20);
-}
-
-/** Temp files being written right now, so an interrupted process can remove them. */
-export const pendingTempFiles = new Set<string>();
-
-function tempName(target: string): string {
-  const rnd = Math.random().toString(36).slice(2, 10);
-  return path.join(path.dirname(target), `.${path.basename(target)}.${process.pid}.${rnd}.tmp`);
-}
-
-async function writeLayout(layout: Layout, target: string, signal?: AbortSignal): Promise<string> {
-  const tmp = tempName(target);
-  pendingTempFiles.add(tmp);
-  const fd = fs.openSync(tmp, 'wx', 0o644);
-  try {
-    const sink = new FileSink(fd);
-    await emit(layout, (c) => sink.write(c), signal);
-    sink.flush();
-    fs.fsyncSync(fd);
-  } catch (err) {
-    fs.closeSync(fd);
-    fs.rmSync(tmp, { force: true });
-    pendingTempFiles.delete(tmp);
-    throw err;
-  }
-  fs.closeSync(fd);
-  return tmp;
 }
 
 export interface WriteResult {
@@ -334,21 +280,17 @@ export async function writeOnnx(model: OnnxModel, plan: Plan, outPath: string, o
   if (layout.length > PROTO_LIMIT) {
     throw new RepFuseError(`the fused model would be ${layout.length} bytes, over protobuf's 2 GB limit; write it with external data.`, outPath);
   }
+  // Both files are complete on disk before either is renamed into place.
   let dataTmp: string | undefined;
   let modelTmp: string | undefined;
   try {
-    if (data) dataTmp = await writeLayout(data.layout, data.path, opts.signal);
-    modelTmp = await writeLayout(layout, target, opts.signal);
+    if (data) dataTmp = (await writeTemp(data.path, (sink) => emit(data.layout, sink, opts.signal))).tmp;
+    modelTmp = (await writeTemp(target, (sink) => emit(layout, sink, opts.signal))).tmp;
     if (opts.signal?.aborted) throw opts.signal.reason ?? new RepFuseError('cancelled.');
-    if (dataTmp && data) fs.renameSync(dataTmp, data.path);
-    fs.renameSync(modelTmp, target);
+    if (dataTmp && data) commitTemp(dataTmp, data.path);
+    commitTemp(modelTmp, target);
   } finally {
-    for (const t of [dataTmp, modelTmp]) {
-      if (t) {
-        fs.rmSync(t, { force: true });
-        pendingTempFiles.delete(t);
-      }
-    }
+    for (const t of [dataTmp, modelTmp]) if (t) discardTemp(t);
   }
   return { path: target, bytes: layout.length, externalDataPath: data?.path, externalDataBytes: data?.layout.length };
 }

@@ -3,9 +3,9 @@
 // file or produced on demand) and `<root>/version`. Output is atomic (temp file + rename).
 import * as path from 'node:path';
 import { pipeRange } from '../bytes';
-import { dtypeName, dtypeSize } from '../dtype';
+import { type DType, dtypeName, dtypeSize } from '../dtype';
 import { RepFuseError } from '../errors';
-import { checkpoint, writeAtomically } from './atomic';
+import { checkpoint, writeAtomically } from '../atomic';
 import { pickle } from './pickle';
 import { NewStorage, storageClassName, TorchStorage } from './tensor';
 import { PyGlobal, PyTuple, type PyValue } from './values';
@@ -52,6 +52,9 @@ function plan(root: PyValue, opts: TorchSaveOptions): { pkl: Uint8Array; storage
       const at = v.offset;
       sources.add(path.resolve(src.name));
       storages.push({ key, bytes, write: (emit) => pipeRange(src, at, bytes, emit) });
+    } else if (v.stream) {
+      const stream = v.stream;
+      storages.push({ key, bytes, write: (emit) => countedStream(stream, emit, bytes, v.dtype, v.numel) });
     } else {
       const produce = v.produce;
       storages.push({
@@ -70,6 +73,17 @@ function plan(root: PyValue, opts: TorchSaveOptions): { pkl: Uint8Array; storage
   };
   const pkl = pickle(root, { persistentId, allowDangerousGlobals: opts.allowDangerousGlobals });
   return { pkl, storages, sources };
+}
+
+/** Runs a storage's stream, checking it emits exactly the planned byte count. */
+export function countedStream(stream: (emit: (c: Uint8Array) => void) => void, emit: (c: Uint8Array) => void, bytes: number, dtype: DType, numel: number): void {
+  let n = 0;
+  stream((c) => {
+    n += c.length;
+    if (n > bytes) throw new RepFuseError(`a new ${dtypeName(dtype)} storage of ${numel} elements produced more than ${bytes} bytes.`);
+    emit(c);
+  });
+  if (n !== bytes) throw new RepFuseError(`a new ${dtypeName(dtype)} storage of ${numel} elements produced ${n} bytes; ${bytes} expected.`);
 }
 
 async function writeArchive(

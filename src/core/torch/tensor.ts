@@ -92,6 +92,11 @@ export class TorchTensor {
 
 /** Bytes for a storage the caller creates; produced only when written. */
 export class NewStorage {
+  /**
+   * Optional streaming form of `produce`: emits the same bytes in slices (chunks may be reused
+   * after emit returns), so writers need not hold a big fused weight whole.
+   */
+  stream?: (emit: (chunk: Uint8Array) => void) => void;
   constructor(
     readonly dtype: DType,
     readonly numel: number,
@@ -179,6 +184,9 @@ export function checkView(storage: { numel: number; key: string; source?: ByteSo
   }
 }
 
+/** Largest broadcast (stride-0) view readTensorBytes expands in memory: 64 MiB. */
+export const MAX_EXPANDED_BYTES = 64 << 20;
+
 /** The tensor's elements as C-ordered little-endian bytes the caller owns. Reads only the bytes the view spans. */
 export function readTensorBytes(t: TorchTensor | NewTensor): Uint8Array {
   if (t instanceof NewTensor) {
@@ -198,7 +206,16 @@ export function readTensorBytes(t: TorchTensor | NewTensor): Uint8Array {
   // or run by run when the innermost dimension is contiguous.
   let lastIndex = t.storageOffset;
   for (let i = 0; i < t.shape.length; i++) lastIndex += (t.shape[i] - 1) * t.stride[i];
-  const span = st.source.readOwned(st.offset + t.storageOffset * es, (lastIndex - t.storageOffset + 1) * es);
+  const spanElements = lastIndex - t.storageOffset + 1;
+  // A broadcast view (stride 0) names more elements than the file stores: expanding a few bytes
+  // into gigabytes is what a hostile file would ask for.
+  if (numel > spanElements && numel * es > MAX_EXPANDED_BYTES) {
+    throw new FormatError(
+      `tensor of shape [${t.shape.join(', ')}] on storage ${st.key} is a broadcast view of ${numel} elements over ${spanElements} stored ones; refusing to expand it to ${numel * es} bytes.`,
+      st.source.name,
+    );
+  }
+  const span = st.source.readOwned(st.offset + t.storageOffset * es, spanElements * es);
   const out = new Uint8Array(numel * es);
   const nd = t.shape.length;
   const inner = nd > 0 && t.stride[nd - 1] === 1 ? t.shape[nd - 1] : 1;

@@ -5,11 +5,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parentPort } from 'node:worker_threads';
 import { oneLineError, RepFuseError } from '../../core/errors';
-import type { BlockData, InspectReport } from '../../core/model';
-import { analyzeOnnx, onnxBlockData, openOnnx } from '../../core/onnx';
-import { pendingTempFiles } from '../../core/onnx/writer';
+import { pendingTempFiles } from '../../core/atomic';
 import { blockStats } from '../../core/stats';
-import { analyzeCheckpoint } from '../../core/checkpoint';
 import { DType } from '../../core/dtype';
 import * as engine from '../../engine';
 import { ValidationError } from '../../validate';
@@ -17,11 +14,7 @@ import { type InspectOptions, inspectKey } from '../view/settings';
 import type { HostToWorker, WorkerError, WorkerRequest, WorkerRequests, WorkerToHost } from './protocol';
 
 /** A parsed model kept open while an editor shows it, so statistics need no re-parse. */
-interface OpenModel {
-  report: InspectReport;
-  blockData(block: string): BlockData;
-  close(): void;
-}
+type OpenModel = engine.OpenedModel;
 
 /** Engine options from the extension's settings (checkpoint epsilon and output dtype). */
 function engineOptions(opts: InspectOptions): { foldBN: boolean; eps?: number; dtype?: DType } {
@@ -32,20 +25,7 @@ function engineOptions(opts: InspectOptions): { foldBN: boolean; eps?: number; d
 
 /** Opens a model for inspection and keeps it open for statistics: ONNX or a checkpoint. */
 function openModel(file: string, opts: InspectOptions): OpenModel {
-  const kind = engine.modelKind(file); // a one-line error for anything else
-  const o = engineOptions(opts);
-  if (kind === 'checkpoint') {
-    const a = analyzeCheckpoint(file, { eps: o.eps });
-    return { report: a.report, blockData: (b) => engine.checkpointBlockData(a, b), close: () => a.close() };
-  }
-  const model = openOnnx(file);
-  try {
-    const a = analyzeOnnx(model, o);
-    return { report: a.report, blockData: (b) => onnxBlockData(a, b), close: () => model.close() };
-  } catch (err) {
-    model.close();
-    throw err;
-  }
+  return engine.openModel(file, engineOptions(opts));
 }
 
 interface CacheEntry {
