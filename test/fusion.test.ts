@@ -3,7 +3,9 @@
 import * as assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import type { BranchKind } from '../src/core/model';
-import { bfloat16ToFloat, floatToBfloat16 } from '../src/core/dtype';
+import { bfloat16ToFloat, DType, dtypeName, encodeFloats, floatToBfloat16 } from '../src/core/dtype';
+import { fuseBlock, type FuseSpec, prepareFusion } from '../src/core/fusion';
+import { streamFusedWeight } from '../src/core/fusestream';
 import { defaultFuseOptions, fuse } from '../src/engine';
 import { fuseAndValidate, type Fused, viewModel, writeModel } from './helpers/fuse';
 import { type BuilderOpts, ModelBuilder, attrFloat } from './helpers/onnx-builder';
@@ -483,4 +485,43 @@ describe('random blocks (seeded): any mix of branches validates', () => {
     const f = await fuseAndValidate(b.encode(), { dir, expectBlocks: expected, maxDiff: 5e-5, expectOps: { Conv: expected, Add: 0, Sum: 0, BatchNormalization: 0 } });
     assert.equal(f.report.inspect.rejected.length, 0);
   });
+});
+
+describe('streamed fused weights equal the float64 fusion rounded once', () => {
+  // The writer takes a fast path (copy the big kernel's float32 values, sum only the positions
+  // other branches touch) and a general one (sum every channel in float64); both must give the
+  // bytes of the whole-array float64 fusion rounded once to the output type.
+  const rng = new Rng(7);
+  const rand = (n: number) => Float32Array.from({ length: n }, () => rng.uniform(-1, 1));
+  const bn = (c: number) => ({
+    gamma: Float64Array.from({ length: c }, () => rng.uniform(0.5, 1.5)),
+    beta: Float64Array.from({ length: c }, () => rng.uniform(-0.5, 0.5)),
+    mean: Float64Array.from({ length: c }, () => rng.uniform(-0.5, 0.5)),
+    variance: Float64Array.from({ length: c }, () => rng.uniform(0.5, 2)),
+    eps: 1e-3,
+  });
+  const C = 12;
+  const cases: [string, FuseSpec][] = [
+    ['3×3 + 1×1 + bare identity (copy-and-patch)', { name: 'a', outChannels: C, inPerGroup: C, groups: 1, kernel: [3, 3], terms: [
+      { kind: 'conv', weight: rand(C * C * 9), kernel: [3, 3] }, { kind: 'conv', weight: rand(C * C), kernel: [1, 1], bias: rand(C) }, { kind: 'identity' }] }],
+    ['ACNet 3×3 + 1×3 + 3×1, grouped, BN identity (copy-and-patch)', { name: 'b', outChannels: C, inPerGroup: C / 3, groups: 3, kernel: [3, 3], terms: [
+      { kind: 'conv', weight: rand(C * 4 * 9), kernel: [3, 3] }, { kind: 'conv', weight: rand(C * 4 * 3), kernel: [1, 3], bn: bn(C) },
+      { kind: 'conv', weight: rand(C * 4 * 3), kernel: [3, 1], bn: bn(C) }, { kind: 'identity', bn: bn(C) }] }],
+    ['checkpoint-style 3×3 conv+BN + 1×1 conv+BN + BN identity (scaled copy-and-patch)', { name: 'd', outChannels: C, inPerGroup: C, groups: 1, kernel: [3, 3], terms: [
+      { kind: 'conv', weight: rand(C * C * 9), kernel: [3, 3], bn: bn(C) }, { kind: 'conv', weight: rand(C * C), kernel: [1, 1], bn: bn(C) }, { kind: 'identity', bn: bn(C) }] }],
+    ['conv+BN branches with a post-add BN (general path)', { name: 'c', outChannels: C, inPerGroup: C, groups: 1, kernel: [3, 3], postBN: bn(C), terms: [
+      { kind: 'conv', weight: rand(C * C * 9), kernel: [3, 3], bn: bn(C) }, { kind: 'conv', weight: rand(C * C), kernel: [1, 1], bn: bn(C), scale: 0.7 }, { kind: 'identity' }] }],
+  ];
+  for (const [title, spec] of cases) {
+    for (const dtype of [DType.float32, DType.float16, DType.bfloat16, DType.float64]) {
+      it(`${title}, ${dtypeName(dtype)}`, () => {
+        const chunks: Uint8Array[] = [];
+        streamFusedWeight(prepareFusion(spec), dtype, (c) => chunks.push(c.slice()));
+        const streamed = Buffer.concat(chunks);
+        const whole = Buffer.from(encodeFloats(fuseBlock(spec).weight, dtype));
+        assert.equal(streamed.length, whole.length);
+        assert.ok(streamed.equals(whole), 'streamed bytes differ from the whole fusion rounded once');
+      });
+    }
+  }
 });

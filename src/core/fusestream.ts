@@ -24,9 +24,21 @@ export function streamFusedWeight(prep: PreparedFusion, dtype: number, sink: (ch
   const row = new Float64Array(per);
   const { spec, spatial } = prep;
   const cpg = spec.inPerGroup;
+  // The usual block: one full-size kernel (BN folded by the exporter, or its own BN scale) plus
+  // smaller kernels and the identity. Only the positions those touch need a float64 sum; every
+  // other value is the big kernel's value (times its BN scale) rounded once — for an unscaled
+  // float32 kernel that is a plain copy.
+  const first = prep.terms[0];
+  const patchable = !prep.postScale && first?.term.kind === 'conv' && first.ks === spatial && prep.terms.slice(1).every((t) => t.ks < spatial);
+  const patch = patchable ? [...new Set(prep.terms.slice(1).flatMap((t) => [...t.posMap]))].sort((a, b) => a - b) : [];
   for (let o0 = 0; o0 < cout; o0 += step) {
     const o1 = Math.min(cout, o0 + step);
     const weights = prep.terms.map((t) => (t.term.kind === 'conv' ? rowsOf(t.term.weight, o0, o1, cpg * t.ks) : undefined));
+    if (f32 && patchable) {
+      copyAndPatch(prep, o0, o1, weights, f32, patch);
+      sink(new Uint8Array(buf, 0, (o1 - o0) * per * size!));
+      continue;
+    }
     for (let o = o0; o < o1; o++) {
       let started = false;
       for (let ti = 0; ti < prep.terms.length; ti++) {
@@ -75,7 +87,54 @@ export function streamFusedWeight(prep: PreparedFusion, dtype: number, sink: (ch
   }
 }
 
+/**
+ * Channels [o0, o1) when only `patch` positions get more than the first term: copy the first
+ * term's float32 values natively, then write each patched position as one float64 sum.
+ */
+function copyAndPatch(prep: PreparedFusion, o0: number, o1: number, weights: (ArrayLike<number> | undefined)[], out: Float32Array, patch: number[]): void {
+  const { spatial, perChannel: per } = prep;
+  const cpg = prep.spec.inPerGroup;
+  const n = (o1 - o0) * per;
+  const w0 = weights[0]!;
+  const m0 = prep.terms[0].mult;
+  if (!m0 && w0 instanceof Float32Array) out.set(w0.subarray(0, n));
+  else if (!m0) for (let i = 0; i < n; i++) out[i] = w0[i];
+  else for (let o = o0; o < o1; o++) scaleInto(out, w0, (o - o0) * per, per, m0[o]);
+  const P = patch.length;
+  const slot = new Int32Array(spatial).fill(-1);
+  patch.forEach((p, k) => (slot[p] = k));
+  const acc = new Float64Array(cpg * P);
+  for (let o = o0; o < o1; o++) {
+    const base = (o - o0) * per;
+    const f0 = m0 ? m0[o] : 1;
+    for (let c = 0; c < cpg; c++) for (let k = 0; k < P; k++) acc[c * P + k] = w0[base + c * spatial + patch[k]] * f0;
+    for (let ti = 1; ti < prep.terms.length; ti++) {
+      const t = prep.terms[ti];
+      const f = t.mult ? t.mult[o] : 1;
+      if (t.term.kind === 'identity') {
+        acc[(o % cpg) * P + slot[t.posMap[0]]] += f;
+        continue;
+      }
+      const w = weights[ti]!;
+      const s = (o - o0) * cpg * t.ks;
+      for (let c = 0; c < cpg; c++) for (let q = 0; q < t.ks; q++) acc[c * P + slot[t.posMap[q]]] += w[s + c * t.ks + q] * f;
+    }
+    for (let c = 0; c < cpg; c++) for (let k = 0; k < P; k++) out[base + c * spatial + patch[k]] = acc[c * P + k];
+  }
+  // x·0 is 0 for finite x, NaN for NaN/±Inf: one pass over the slice as written.
+  let bad = 0;
+  for (let i = 0; i < n; i++) bad += out[i] * 0;
+  if (bad !== 0) {
+    const i = out.subarray(0, n).findIndex((v) => !Number.isFinite(v));
+    throw new FusionError(`${prep.spec.name}: the fused weight is not finite at output channel ${o0 + Math.floor(i / per)} (NaN or Inf in the branch weights or BN parameters); refusing to write it.`);
+  }
+}
+
 // The row kernels are separate small functions so each stays monomorphic for the JIT.
+
+function scaleInto(out: Float32Array, w: ArrayLike<number>, s: number, n: number, f: number): void {
+  for (let i = 0; i < n; i++) out[s + i] = w[s + i] * f;
+}
 
 function fullRow32(row: Float64Array, w: Float32Array, s: number, n: number, f: number, add: boolean): void {
   if (add) for (let i = 0; i < n; i++) row[i] += w[s + i] * f;
