@@ -134,13 +134,19 @@ export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport
   }
 }
 
-async function fuseOnnx(input: string, opts: FuseOptions): Promise<FuseReport> {
-  const t0 = performance.now();
-  const timings: Record<string, number> = {};
+/** The output path, checked before anything is read: never the input, an existing folder, no silent replace. */
+function outputPath(input: string, opts: FuseOptions): string {
   const out = path.resolve(opts.output ?? defaultOutput(input));
   if (out === path.resolve(input)) throw new RepFuseError('the output would overwrite the input; choose another -o.', input);
   if (!fs.existsSync(path.dirname(out))) throw new RepFuseError(`the output folder ${path.dirname(out)} does not exist.`, input);
   if (fs.existsSync(out) && !opts.force) throw new RepFuseError(`${out} already exists; use --force to replace it.`, input);
+  return out;
+}
+
+async function fuseOnnx(input: string, opts: FuseOptions): Promise<FuseReport> {
+  const t0 = performance.now();
+  const timings: Record<string, number> = {};
+  const out = outputPath(input, opts);
 
   const model = openOnnx(input);
   let report: FuseReport;
@@ -215,10 +221,7 @@ function blockDtype(a: CheckpointAnalysis, name: string, opts: FuseOptions): DTy
 async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseReport> {
   const t0 = performance.now();
   const timings: Record<string, number> = {};
-  const out = path.resolve(opts.output ?? defaultOutput(input));
-  if (out === path.resolve(input)) throw new RepFuseError('the output would overwrite the input; choose another -o.', input);
-  if (!fs.existsSync(path.dirname(out))) throw new RepFuseError(`the output folder ${path.dirname(out)} does not exist.`, input);
-  if (fs.existsSync(out) && !opts.force) throw new RepFuseError(`${out} already exists; use --force to replace it.`, input);
+  const out = outputPath(input, opts);
   const a = analyzeCheckpoint(input, { eps: opts.eps });
   let tmpDir: string | undefined;
   try {

@@ -157,3 +157,30 @@ export function pipeRange(src: ByteSource, offset: number, length: number, sink:
   const step = 1 << 22;
   for (let done = 0; done < length; done += step) sink(src.read(offset + done, Math.min(step, length - done)));
 }
+
+/** A byte buffer that grows by doubling: the base of the protobuf and pickle encoders. */
+export class GrowableBytes {
+  protected buf: Uint8Array;
+  protected len = 0;
+  constructor(initial = 256) {
+    this.buf = new Uint8Array(initial);
+  }
+
+  protected ensure(n: number): void {
+    if (this.len + n <= this.buf.length) return;
+    let cap = this.buf.length * 2;
+    while (cap < this.len + n) cap *= 2;
+    const next = new Uint8Array(cap);
+    next.set(this.buf.subarray(0, this.len));
+    this.buf = next;
+  }
+
+  get length(): number {
+    return this.len;
+  }
+
+  /** A copy of the bytes written so far. */
+  finish(): Uint8Array {
+    return this.buf.slice(0, this.len);
+  }
+}

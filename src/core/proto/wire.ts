@@ -1,6 +1,6 @@
 // Protocol-buffer wire format at the byte level: enough to walk a message's fields over a
 // ByteSource without decoding it, so large tensors stay where they are and unknown fields survive.
-import type { ByteSource } from '../bytes';
+import { type ByteSource, GrowableBytes } from '../bytes';
 import { FormatError } from '../errors';
 
 export const WT_VARINT = 0;
@@ -114,19 +114,7 @@ export function varintSize(v: number): number {
 }
 
 /** Growable byte builder for small messages (headers, nodes); big payloads are written as pieces. */
-export class ByteBuilder {
-  private buf = new Uint8Array(256);
-  private len = 0;
-
-  private ensure(n: number): void {
-    if (this.len + n <= this.buf.length) return;
-    let cap = this.buf.length * 2;
-    while (cap < this.len + n) cap *= 2;
-    const next = new Uint8Array(cap);
-    next.set(this.buf.subarray(0, this.len));
-    this.buf = next;
-  }
-
+export class ByteBuilder extends GrowableBytes {
   varint(v: number): this {
     if (v < 0) {
       // int64 two's complement, 10 bytes.
@@ -172,11 +160,4 @@ export class ByteBuilder {
     return this.tag(field, WT_VARINT).varint(v);
   }
 
-  get length(): number {
-    return this.len;
-  }
-
-  finish(): Uint8Array {
-    return this.buf.slice(0, this.len);
-  }
 }

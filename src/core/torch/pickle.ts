@@ -3,7 +3,7 @@
 // PyTorch/NumPy files need (OrderedDict, tensor rebuild functions, storage types, numpy scalars…)
 // to data; every other call becomes an inert PyObject, and dangerous names are reported.
 // Also a protocol-2 writer that produces what torch.save's pickler produces.
-import { BufferSource, type ByteSource } from '../bytes';
+import { BufferSource, type ByteSource, GrowableBytes } from '../bytes';
 import { DType, dtypeSize } from '../dtype';
 import { FormatError, RepFuseError } from '../errors';
 import { checkView, NewStorage, NewTensor, TorchStorage, TorchTensor } from './tensor';
@@ -1119,16 +1119,9 @@ export interface PickleOptions {
   allowDangerousGlobals?: boolean;
 }
 
-class Out {
-  buf = new Uint8Array(1 << 12);
-  len = 0;
-  private ensure(n: number): void {
-    if (this.len + n <= this.buf.length) return;
-    let cap = this.buf.length * 2;
-    while (cap < this.len + n) cap *= 2;
-    const next = new Uint8Array(cap);
-    next.set(this.buf.subarray(0, this.len));
-    this.buf = next;
+class Out extends GrowableBytes {
+  constructor() {
+    super(1 << 12);
   }
   u8(b: number): void {
     this.ensure(1);
@@ -1197,7 +1190,7 @@ class PickleWriter {
     this.out.u8(2);
     this.save(root, 0);
     this.out.u8(OP.STOP);
-    return this.out.buf.slice(0, this.out.len);
+    return this.out.finish();
   }
 
   private put(): number {
