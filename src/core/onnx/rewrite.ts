@@ -4,7 +4,7 @@ import { onnx } from 'onnx-proto';
 import { readInto } from '../bytes';
 import { decodeNumbers, dtypeSize, encodeFloats, isFloatType, type NumArray } from '../dtype';
 import { checkFinite, streamFusedWeight } from '../fusestream';
-import { type BNParams, type ConvTerm, type FusedConv, fuseBlock, type FuseSpec, type IdentityTerm, type PreparedFusion, prepareFusion, type WeightRows } from '../fusion';
+import { type BNParams, type ConvTerm, type FuseSpec, type IdentityTerm, type PreparedFusion, prepareFusion, type WeightRows } from '../fusion';
 import type { ConstRef } from './graph';
 import { type BNRef, type Detection, isConvLeaf, type OnnxBlock, type OnnxFold } from './detect';
 import { numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
@@ -90,11 +90,6 @@ export function blockSpec(model: OnnxModel, block: OnnxBlock, terms = blockTerms
     terms,
     postBN: block.postBN ? bnParams(model, block.postBN) : undefined,
   };
-}
-
-/** Reads the block's constants and computes the fused kernel and bias (float64). */
-export function fuseOnnxBlock(model: OnnxModel, block: OnnxBlock): FusedConv {
-  return fuseBlock(blockSpec(model, block));
 }
 
 function foldSpec(model: OnnxModel, fold: OnnxFold): FuseSpec {
@@ -274,24 +269,4 @@ export function planRewrite(model: OnnxModel, det: Detection): RewriteResult {
       opCountsAfter,
     },
   };
-}
-
-/** Checks used by tests and the CLI: the rewrite leaves no dangling tensor reference. */
-export function danglingInputs(model: OnnxModel, plan: Plan, extraProduced: string[] = []): string[] {
-  const g = model.graph;
-  const avail = new Set<string>([...g.inputs.map((i) => i.name), ...extraProduced]);
-  for (const n of g.initializers.keys()) if (!plan.removeInitializers.has(n)) avail.add(n);
-  for (const list of [...plan.insertInitializers.values(), plan.appendInitializers]) for (const t of list) avail.add(t.name);
-  const missing: string[] = [];
-  for (const n of g.nodes) {
-    for (const t of plan.insertNodes.get(n.index) ?? []) {
-      const p = onnx.NodeProto.decode(t);
-      for (const i of p.input ?? []) if (i && !avail.has(i)) missing.push(i);
-      for (const o of p.output ?? []) avail.add(o);
-    }
-    if (plan.removeNodes.has(n.index)) continue;
-    for (const i of n.inputs) if (i && !avail.has(i)) missing.push(i);
-    for (const o of n.outputs) if (o) avail.add(o);
-  }
-  return missing;
 }
