@@ -31,35 +31,21 @@ import {
   fusedWeightShape,
   haveTorchFixtures,
   isFullModule,
-  loadManifest,
-  type Manifest,
   type ManifestBlock,
   type ManifestFile,
   openTensors,
   sha256,
+  freshDirs,
+  manifestParts,
 } from './helpers/ckpt-fixtures';
 import { cliPath, makeTmp, repoRoot, rmTmp } from './helpers/paths';
 import { pyDiff } from './helpers/torch-bytes';
 
-const manifest: Manifest = haveTorchFixtures ? loadManifest() : { hostile_marker: '/tmp/repfuse_pwned_marker', families: {}, files: [] };
-const fixtures = manifest.files.filter((f) => f.form !== 'hostile');
-const hostile = manifest.files.filter((f) => f.form === 'hostile');
-const MARKER = manifest.hostile_marker;
-const byName = (name: string): ManifestFile => {
-  const fx = manifest.files.find((f) => f.file === name);
-  if (!fx) throw new Error(`${name} is not in the manifest`);
-  return fx;
-};
+const { fixtures, hostile, marker: MARKER, byName } = manifestParts();
 const FLOAT: Record<string, DType> = { float32: DType.float32, float16: DType.float16 };
 
 let tmp: string;
-let counter = 0;
-/** A fresh, empty folder per fuse, so "no temp files left" can be checked exactly. */
-const freshDir = (): string => {
-  const d = path.join(tmp, `d${++counter}`);
-  fs.mkdirSync(d);
-  return d;
-};
+const freshDir = freshDirs(() => tmp);
 
 before(() => {
   tmp = makeTmp();

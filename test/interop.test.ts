@@ -15,31 +15,18 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DType } from '../src/core/dtype';
 import { defaultFuseOptions, fuse, type FuseOptions } from '../src/engine';
-import { fixturePath, fusedName, haveTorchFixtures, isFullModule, loadManifest, type Manifest, type ManifestFile, sha256 } from './helpers/ckpt-fixtures';
+import { fixturePath, freshDirs, fusedName, haveTorchFixtures, isFullModule, type ManifestFile, manifestParts, sha256 } from './helpers/ckpt-fixtures';
 import { cliPath, makeTmp, repoRoot, rmTmp } from './helpers/paths';
 
 /** Debian's interpreter (its python3-torch); REPFUSE_TEST_PYTHON overrides it (e.g. to see the failure without torch). */
 const PYTHON = process.env.REPFUSE_TEST_PYTHON || '/usr/bin/python3';
 const CHECK = path.join(repoRoot, 'test', 'interop', 'check_fused.py');
-const manifest: Manifest = haveTorchFixtures ? loadManifest() : { hostile_marker: '/tmp/repfuse_pwned_marker', families: {}, files: [] };
-const fixtures = manifest.files.filter((f) => f.form !== 'hostile');
-const hostile = manifest.files.filter((f) => f.form === 'hostile');
-const MARKER = manifest.hostile_marker;
-const byName = (name: string): ManifestFile => {
-  const fx = manifest.files.find((f) => f.file === name);
-  if (!fx) throw new Error(`${name} is not in the manifest`);
-  return fx;
-};
+const { fixtures, hostile, marker: MARKER, byName } = manifestParts();
 
 /** Why PyTorch cannot be used, or undefined when `/usr/bin/python3 -c "import torch"` works. */
 let torchProblem: string | undefined;
 let tmp: string;
-let counter = 0;
-const freshDir = (): string => {
-  const d = path.join(tmp, `d${++counter}`);
-  fs.mkdirSync(d);
-  return d;
-};
+const freshDir = freshDirs(() => tmp);
 
 before(() => {
   tmp = makeTmp();

@@ -72,6 +72,33 @@ export function loadManifest(): Manifest {
   return JSON.parse(fs.readFileSync(manifestPath, 'utf8')) as Manifest;
 }
 
+/** The manifest (an empty one when the fixtures are missing), split into normal and hostile files. */
+export function manifestParts() {
+  const manifest: Manifest = haveTorchFixtures ? loadManifest() : { hostile_marker: '/tmp/repfuse_pwned_marker', families: {}, files: [] };
+  const byName = (name: string): ManifestFile => {
+    const fx = manifest.files.find((f) => f.file === name);
+    if (!fx) throw new Error(`${name} is not in the manifest`);
+    return fx;
+  };
+  return {
+    manifest,
+    fixtures: manifest.files.filter((f) => f.form !== 'hostile'),
+    hostile: manifest.files.filter((f) => f.form === 'hostile'),
+    marker: manifest.hostile_marker,
+    byName,
+  };
+}
+
+/** Hands out a fresh, empty sub-folder of `root()` per call, so "no temp files left" can be checked exactly. */
+export function freshDirs(root: () => string): () => string {
+  let counter = 0;
+  return () => {
+    const d = path.join(root(), `d${++counter}`);
+    fs.mkdirSync(d);
+    return d;
+  };
+}
+
 export const fixturePath = (fx: ManifestFile | string): string => path.join(torchFixtureDir, typeof fx === 'string' ? fx : fx.file);
 
 export const isFullModule = (fx: ManifestFile): boolean => fx.form === 'full_module' || fx.form === 'full_module_ema';
