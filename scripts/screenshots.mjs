@@ -109,30 +109,8 @@ function prepareProfile() {
   fs.mkdirSync(workspace, { recursive: true });
   const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'));
   fs.symlinkSync(root, path.join(extensions, `${pkg.publisher}.${pkg.name}-${pkg.version}`), 'dir');
-  fs.writeFileSync(
-    path.join(userData, 'User', 'settings.json'),
-    JSON.stringify(
-      {
-        'telemetry.telemetryLevel': 'off',
-        'update.mode': 'none',
-        'extensions.autoCheckUpdates': false,
-        'extensions.autoUpdate': false,
-        'extensions.ignoreRecommendations': true,
-        'workbench.enableExperiments': false,
-        'workbench.startupEditor': 'none',
-        'workbench.tips.enabled': false,
-        'workbench.colorTheme': 'Default Dark Modern',
-        'security.workspace.trust.enabled': false,
-        'chat.disableAIFeatures': true,
-        'workbench.secondarySideBar.defaultVisibility': 'hidden',
-        'git.enabled': false,
-        'git.openRepositoryInParentFolders': 'never',
-        'window.zoomLevel': 0,
-      },
-      null,
-      2,
-    ),
-  );
+  // The same fresh-profile settings as the e2e suite.
+  fs.copyFileSync(path.join(root, 'scripts', 'e2e', 'code-server-settings.json'), path.join(userData, 'User', 'settings.json'));
   for (const f of fs.readdirSync(path.join(root, 'examples'))) {
     if (f.endsWith('.onnx') && !f.includes('.fused.')) fs.copyFileSync(path.join(root, 'examples', f), path.join(workspace, f));
   }

@@ -9,6 +9,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Browser, BrowserContext, Frame, Locator, Page } from 'playwright-core';
+import { repoRoot } from '../helpers/paths';
 
 export const E2E_ENV = {
   node: process.env.REPFUSE_E2E_NODE,
@@ -59,26 +60,11 @@ function run(cmd: string, args: string[], env: NodeJS.ProcessEnv, timeoutMs: num
   });
 }
 
-/** User settings of the fresh profile: nothing phones home, nothing pops up uninvited. */
-const SETTINGS = {
-  'telemetry.telemetryLevel': 'off',
-  'update.mode': 'none',
-  'extensions.autoCheckUpdates': false,
-  'extensions.autoUpdate': false,
-  'extensions.ignoreRecommendations': true,
-  'workbench.enableExperiments': false,
-  'workbench.startupEditor': 'none',
-  'workbench.tips.enabled': false,
-  'workbench.colorTheme': 'Default Dark Modern',
-  'security.workspace.trust.enabled': false,
-  'chat.disableAIFeatures': true,
-  'workbench.secondarySideBar.defaultVisibility': 'hidden',
-  'git.enabled': false,
-  'git.openRepositoryInParentFolders': 'never',
-  'npm.autoDetect': 'off',
-  'typescript.disableAutomaticTypeAcquisition': true,
-  'window.zoomLevel': 0,
-};
+/**
+ * User settings of the fresh profile (nothing phones home, nothing pops up uninvited), shared with
+ * scripts/screenshots.mjs.
+ */
+const SETTINGS_FILE = path.join(repoRoot, 'scripts', 'e2e', 'code-server-settings.json');
 
 export interface ServerOptions {
   node: string;
@@ -132,7 +118,7 @@ export class CodeServer {
   async install(): Promise<string> {
     fs.mkdirSync(path.join(this.userData, 'User'), { recursive: true });
     fs.mkdirSync(this.extensions, { recursive: true });
-    fs.writeFileSync(path.join(this.userData, 'User', 'settings.json'), `${JSON.stringify(SETTINGS, null, 2)}\n`);
+    fs.copyFileSync(SETTINGS_FILE, path.join(this.userData, 'User', 'settings.json'));
     const out = await run(this.opts.node, [this.opts.entry, ...this.common(), '--install-extension', this.opts.vsix], this.env(), 120_000);
     if (!/successfully installed/i.test(out)) throw new Error(`code-server --install-extension did not report success:\n${out}`);
     const dirs = fs.readdirSync(this.extensions).filter((d) => d.startsWith('repfuse.repfuse-'));
