@@ -9,7 +9,8 @@ import type { FuseReport } from './core/report';
 import type { BlockData, InspectReport } from './core/model';
 import { validateInChild } from './validate';
 import { DType, dtypeName } from './core/dtype';
-import { analyzeCheckpoint, type CheckpointAnalysis, checkpointBlockData, isCheckpointPath, writeCheckpoint, writtenValues } from './core/checkpoint';
+import { analyzeCheckpoint, type CheckpointAnalysis, checkpointBlockData, writeCheckpoint, writtenValues } from './core/checkpoint';
+import { checkOutputExtension, modelKind, type ModelKind } from './core/formats';
 import { ckptBlockSpec } from './core/checkpoint/fuse';
 import { fuseBlock } from './core/fusion';
 import { buildBlockModels } from './core/onnx/blockmodel';
@@ -54,14 +55,8 @@ export const defaultFuseOptions: FuseOptions = {
   inputNpy: {},
 };
 
-export type ModelKind = 'onnx' | 'checkpoint';
-
-export function modelKind(file: string): ModelKind {
-  const ext = path.extname(file).toLowerCase();
-  if (ext === '.onnx') return 'onnx';
-  if (isCheckpointPath(file)) return 'checkpoint';
-  throw new RepFuseError(`unsupported file type '${ext || '(none)'}'; RepFuse reads .onnx models, PyTorch checkpoints (.pt, .pth, .ckpt) and .safetensors.`, file);
-}
+/** The engine path for a file (by the format registry); a one-line error for anything else. */
+export { modelKind, type ModelKind };
 
 /** `<dir>/<name>.fused<ext>` beside the input. */
 export function defaultOutput(input: string, suffix = '.fused'): string {
@@ -138,6 +133,7 @@ export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport
 function outputPath(input: string, opts: FuseOptions): string {
   const out = path.resolve(opts.output ?? defaultOutput(input));
   if (out === path.resolve(input)) throw new RepFuseError('the output would overwrite the input; choose another -o.', input);
+  checkOutputExtension(input, out);
   if (!fs.existsSync(path.dirname(out))) throw new RepFuseError(`the output folder ${path.dirname(out)} does not exist.`, input);
   if (fs.existsSync(out) && !opts.force) throw new RepFuseError(`${out} already exists; use --force to replace it.`, input);
   return out;

@@ -222,9 +222,8 @@ function summarize(a: Omit<CheckpointAnalysis, 'report' | 'close'>, fileSize: nu
   };
 }
 
-export function isCheckpointPath(file: string): boolean {
-  return ['.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.pkl', '.tar'].includes(path.extname(file).toLowerCase());
-}
+/** Kept for callers of the checkpoint module; the format registry (../formats) decides. */
+export { isCheckpointPath } from '../formats';
 
 /** Opens and analyzes a checkpoint. The caller must close() it. */
 export function analyzeCheckpoint(file: string, opts: CheckpointOptions = {}): CheckpointAnalysis {

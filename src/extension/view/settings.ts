@@ -2,12 +2,8 @@
 // Pure: the caller passes the raw values it read from the configuration.
 import * as path from 'node:path';
 
-/** Extensions the model editor and the commands accept (lower case, with the dot). */
-export const MODEL_EXTENSIONS = ['.onnx', '.pt', '.pth', '.ckpt', '.safetensors'] as const;
-
-export function isModelFile(file: string): boolean {
-  return (MODEL_EXTENSIONS as readonly string[]).includes(path.extname(file).toLowerCase());
-}
+/** Extensions the model editor and the commands accept: the core's format registry decides. */
+export { MODEL_EXTENSIONS, isModelPath as isModelFile } from '../../core/formats';
 
 /** `<dir>/<name><suffix><ext>` beside the input: the same rule as the engine's defaultOutput. */
 export function fusedOutputPath(input: string, suffix: string): string {
