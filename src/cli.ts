@@ -8,12 +8,16 @@ import { renderFuse, renderInspect } from './core/report';
 import { defaultFuseOptions, fuse, inspect } from './engine';
 import { ValidationError } from './validate';
 import { DType } from './core/dtype';
+import { DEFAULT_THRESHOLD_DB, renderQuant } from './core/quant';
+import { analyzeQuant, defaultQuantOptions } from './validate/quantHost';
 import * as fs from 'node:fs';
 
 const USAGE = `repfuse — find and fuse structural re-parameterization blocks (RepVGG, YOLOv7 RepConv, MobileOne, ACNet, …)
 
 Usage:
   repfuse inspect <model> [--json] [--no-fold-bn] [--eps 1e-3]
+  repfuse quant <model> [--json] [--input name=1x3x640x640]... [--input-npy name=file.npy]...
+               [--seed 0] [--threshold-db 30] [--timeout 300] [--no-fold-bn] [--eps 1e-3]
   repfuse fuse <model> [-o out] [--force] [--json] [--no-validate] [--no-fold-bn]
                [--input name=1x3x640x640]... [--input-npy name=file.npy]...
                [--atol 1e-4] [--rtol 1e-3] [--seed 0] [--timeout 300]
@@ -75,6 +79,7 @@ async function main(argv: string[]): Promise<number> {
       dtype: { type: 'string' },
       'keep-modules': { type: 'boolean', default: false },
       'state-dict': { type: 'boolean', default: false },
+      'threshold-db': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
       version: { type: 'boolean', short: 'v', default: false },
     },
@@ -89,7 +94,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE + '\n');
     return values.help ? 0 : 2;
   }
-  if (cmd !== 'inspect' && cmd !== 'fuse') throw new RepFuseError(`unknown command '${cmd}'; use inspect or fuse (see --help).`);
+  if (cmd !== 'inspect' && cmd !== 'fuse' && cmd !== 'quant') throw new RepFuseError(`unknown command '${cmd}'; use inspect, fuse or quant (see --help).`);
   if (!file) throw new RepFuseError(`${cmd} needs a model file (see --help).`);
   if (rest.length) throw new RepFuseError(`unexpected argument '${rest[0]}'.`);
   if (!fs.existsSync(file)) throw new RepFuseError('no such file.', file);
@@ -118,6 +123,24 @@ async function main(argv: string[]): Promise<number> {
       }
       controller.abort(new RepFuseError(sig === 'SIGINT' ? 'interrupted.' : 'terminated.'));
     });
+  }
+  if (cmd === 'quant') {
+    const thresholdDb = values['threshold-db'] === undefined ? DEFAULT_THRESHOLD_DB : Number(values['threshold-db']);
+    if (!Number.isFinite(thresholdDb)) throw new RepFuseError(`--threshold-db needs a number, got '${values['threshold-db']}'.`);
+    const q = await analyzeQuant(file, {
+      ...defaultQuantOptions,
+      foldBN,
+      eps,
+      seed: parseNumber('seed', values.seed, 0),
+      thresholdDb,
+      timeoutMs: parseNumber('timeout', values.timeout, defaultQuantOptions.timeoutMs / 1000) * 1000,
+      inputShapes,
+      inputNpy,
+      signal: controller.signal,
+      onProgress: values.json ? undefined : (m) => process.stderr.write(`… ${m}\n`),
+    });
+    process.stdout.write(values.json ? JSON.stringify(q, null, 2) + '\n' : renderQuant(q) + '\n');
+    return 0;
   }
   if (values['keep-modules'] && values['state-dict']) throw new RepFuseError('--keep-modules and --state-dict exclude each other.');
   const dtypes: Record<string, DType | undefined> = { keep: undefined, float32: DType.float32, float16: DType.float16, bfloat16: DType.bfloat16, float64: DType.float64 };

@@ -4,7 +4,8 @@ import { fork } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { RepFuseError } from '../core/errors';
-import type { ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage } from './protocol';
+import type { ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage, WorkerRequest } from './protocol';
+import type { QuantMeasurement } from './quantProtocol';
 
 export type { ValidationReport, TensorDiff, BlockDiff } from './protocol';
 
@@ -33,6 +34,11 @@ export interface ValidateOptions {
 }
 
 export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opts: ValidateOptions): Promise<ValidationReport> {
+  return runInChild<ValidationReport>(req, opts, 'the fused model was written but not validated');
+}
+
+/** Runs one job (validation or quantization) in the onnxruntime child process; `crashNote` ends a crash message. */
+export function runInChild<R extends ValidationReport | QuantMeasurement>(req: WorkerRequest, opts: ValidateOptions, crashNote: string): Promise<R> {
   const script = opts.script ?? workerScript();
   return new Promise((resolve, reject) => {
     const child = fork(script, [], {
@@ -45,7 +51,7 @@ export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opt
       stderr = (stderr + d.toString()).slice(-4000);
     });
     let settled = false;
-    const finish = (err: Error | undefined, report?: ValidationReport) => {
+    const finish = (err: Error | undefined, report?: R) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
@@ -62,7 +68,7 @@ export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opt
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     child.on('message', (m: WorkerMessage) => {
       if (m.type === 'progress') opts.onProgress?.(m.message);
-      else if (m.type === 'result') finish(undefined, m.report);
+      else if (m.type === 'result') finish(undefined, m.report as R);
       else if (m.type === 'error') finish(new ValidationError(`validation failed: ${m.message}`));
     });
     child.on('error', (err) => finish(new ValidationError(`cannot start the validation process: ${err.message}`)));
@@ -74,7 +80,7 @@ export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opt
       const tail = (oomLine ?? lines.pop())?.trim();
       const oom = !!oomLine || signal === 'SIGKILL';
       const why = signal ? `was killed by ${signal}` : `exited with code ${code}`;
-      finish(new ValidationError(`the onnxruntime validation process ${why}${oom ? ' (out of memory?)' : ''}${tail ? `: ${tail}` : ''}; the fused model was written but not validated.`));
+      finish(new ValidationError(`the onnxruntime validation process ${why}${oom ? ' (out of memory?)' : ''}${tail ? `: ${tail}` : ''}; ${crashNote}.`));
     });
     child.send(req);
   });

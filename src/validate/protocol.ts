@@ -1,6 +1,7 @@
 // Messages between the host (CLI or extension) and the validation child process.
 import type { InputSpec } from '../core/onnx/inputs';
 import type { ValidationReport } from '../core/report';
+import type { QuantMeasurement, QuantRequest } from './quantProtocol';
 
 export type { BlockDiff, TensorDiff, ValidationReport } from '../core/report';
 
@@ -27,9 +28,9 @@ export interface ValidatePairsRequest {
   rtol: number;
 }
 
-export type WorkerRequest = ValidateRequest | ValidatePairsRequest;
+export type WorkerRequest = ValidateRequest | ValidatePairsRequest | QuantRequest;
 
 export type WorkerMessage =
   | { type: 'progress'; message: string }
-  | { type: 'result'; report: ValidationReport }
+  | { type: 'result'; report: ValidationReport | QuantMeasurement }
   | { type: 'error'; message: string };

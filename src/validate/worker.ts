@@ -11,6 +11,8 @@ import { openOnnx } from '../core/onnx/reader';
 import { emptyPlan, encodeOnnx, writeOnnx } from '../core/onnx/writer';
 import { Rng } from '../core/random';
 import type { BlockDiff, TensorDiff, ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage, WorkerRequest } from './protocol';
+import { runQuant } from './quant';
+import { isQuantRequest } from './quantProtocol';
 
 type Ort = typeof import('onnxruntime-node');
 type OrtTensor = import('onnxruntime-node').Tensor;
@@ -243,7 +245,8 @@ export async function runPairs(req: ValidatePairsRequest): Promise<ValidationRep
 
 if (require.main === module) {
   process.once('message', (req: WorkerRequest) => {
-    (req.type === 'validate-pairs' ? runPairs(req) : runValidation(req))
+    (isQuantRequest(req) ? runQuant(req, { makeInput, toNumbers, progress: (message) => send({ type: 'progress', message }) })
+      : req.type === 'validate-pairs' ? runPairs(req) : runValidation(req))
       .then((report) => send({ type: 'result', report }))
       .catch((err) => send({ type: 'error', message: oneLineError(err) }))
       .finally(() => process.exit(0));

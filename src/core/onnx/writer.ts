@@ -49,6 +49,11 @@ export interface WriteOptions {
   externalData?: boolean | 'auto';
   /** Extra graph outputs (validation exposes block outputs this way). */
   extraOutputs?: { name: string; elemType: number }[];
+  /**
+   * Extra graph inputs. Naming an initializer makes it overridable at run time (quantization
+   * analysis feeds one block's quantized weight this way); the initializer stays the default.
+   */
+  extraInputs?: { name: string; elemType: number; dims: number[] }[];
   /** Tensors at least this big go to the external-data file (default 1 KiB). */
   externalThreshold?: number;
   /**
@@ -161,10 +166,20 @@ function layoutModel(model: OnnxModel, plan: Plan, opts: WriteOptions, data: { l
 
   let lastInitializer = -1;
   let lastOutput = -1;
+  let lastInput = -1;
   model.graph.fields.forEach((f, i) => {
     if (f.kind === 'initializer') lastInitializer = i;
     if (f.kind === 'output') lastOutput = i;
+    if (f.kind === 'input') lastInput = i;
   });
+  const extraInputs = (opts.extraInputs ?? []).filter((o) => !model.graph.inputs.some((x) => x.name === o.name));
+  const emitExtraInputs = () => {
+    for (const o of extraInputs) {
+      const vi = onnx.ValueInfoProto.encode({ name: o.name, type: { tensorType: { elemType: o.elemType, shape: { dim: o.dims.map((d) => ({ dimValue: d })) } } } }).finish();
+      g.bytes(lenPrefix(11, vi.length));
+      g.bytes(vi);
+    }
+  };
   const extraOutputs = (opts.extraOutputs ?? []).filter((o) => !model.graph.outputs.some((x) => x.name === o.name));
   const emitExtraOutputs = () => {
     for (const o of extraOutputs) {
@@ -194,6 +209,7 @@ function layoutModel(model: OnnxModel, plan: Plan, opts: WriteOptions, data: { l
       case 'input':
       case 'value_info':
         if (!plan.removedTensors.has(f.name)) g.copy(src, w.start, w.end - w.start);
+        if (f.kind === 'input' && i === lastInput) emitExtraInputs();
         break;
       case 'output':
         g.copy(src, w.start, w.end - w.start);
@@ -205,6 +221,7 @@ function layoutModel(model: OnnxModel, plan: Plan, opts: WriteOptions, data: { l
   });
   if (lastInitializer < 0) for (const t of plan.appendInitializers) emitNew(t);
   if (lastOutput < 0) emitExtraOutputs();
+  if (lastInput < 0) emitExtraInputs();
 
   const m = new Layout();
   for (const f of model.topFields) {
