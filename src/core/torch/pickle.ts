@@ -8,10 +8,12 @@ import { DType, dtypeSize } from '../dtype';
 import { FormatError, RepFuseError } from '../errors';
 import { checkView, NewStorage, NewTensor, TorchStorage, TorchTensor } from './tensor';
 import {
+  BOUND_METHOD_NAME,
   NdArray,
   NumpyDType,
   NumpyScalar,
   PyComplex,
+  PyBoundMethod,
   PyDict,
   PyFloat,
   PyGlobal,
@@ -540,6 +542,16 @@ export class Unpickler {
   private readonly warningSet = new Set<string>();
   private readonly dangerSet = new Set<string>();
   private readonly globalSet = new Set<string>();
+  /**
+   * `builtins.getattr` globals, judged at STOP rather than when named: the one shape a module's
+   * bound-method attribute is pickled in (`forward` → getattr(self, 'forward_fuse'), see
+   * boundMethod()) is accepted; any other use is reported as dangerous.
+   */
+  private readonly getattrs = new Map<PyGlobal, string>();
+  private getattrPushes = 0;
+  private readonly boundMethods: PyBoundMethod[] = [];
+  /** A bound method was called (REDUCE/NEWOBJ/OBJ): loading the file in Python would run it. */
+  private boundMethodCalled = false;
   private readonly cur: Cursor;
   private op = 0;
   private opAt = 0;
@@ -578,6 +590,7 @@ export class Unpickler {
 
   private push(v: PyValue): void {
     if (this.stack.length >= this.maxStack) this.fail(`the pickle stack grows past ${this.maxStack} items`);
+    if (this.getattrs.size && v instanceof PyGlobal && this.getattrs.has(v)) this.getattrPushes++;
     this.stack.push(v);
   }
 
@@ -650,18 +663,56 @@ export class Unpickler {
   private global(moduleRaw: string, name: string): PyGlobal {
     const module = Object.prototype.hasOwnProperty.call(PY2_MODULES, moduleRaw) ? PY2_MODULES[moduleRaw] : moduleRaw;
     const raw = `${moduleRaw}.${name}`;
+    const g = new PyGlobal(module, name);
+    if (module === 'builtins' && name === 'getattr') {
+      this.globalSet.add(raw);
+      this.getattrs.set(g, raw);
+      return g;
+    }
     if (!this.globalSet.has(raw)) {
       this.globalSet.add(raw);
-      if (isDangerousGlobal(module, name)) {
-        this.dangerSet.add(raw);
-        const shown = OS_ALIASES.has(module) ? `os.${name}` : `${module}.${name}`;
-        this.warningSet.add(shown === raw ? `the file references ${raw}: not executed` : `the file references ${shown} (pickled as ${raw}): not executed`);
-      }
+      if (isDangerousGlobal(module, name)) this.flag(raw, module, name);
     }
-    return new PyGlobal(module, name);
+    return g;
+  }
+
+  private flag(raw: string, module: string, name: string): void {
+    this.dangerSet.add(raw);
+    const shown = OS_ALIASES.has(module) ? `os.${name}` : `${module}.${name}`;
+    this.warningSet.add(shown === raw ? `the file references ${raw}: not executed` : `the file references ${shown} (pickled as ${raw}): not executed`);
+  }
+
+  /**
+   * REDUCE of `builtins.getattr` with (an instance of a class, 'method_name'): how Python pickles a
+   * bound method stored on the instance (torch.save of a YOLO model after fuse(): `forward` →
+   * getattr(self, 'forward_fuse')). Kept as an inert PyBoundMethod; whether it really sits in its
+   * own object's `forward` attribute is checked at STOP (checkGetattrs). Any other shape: undefined.
+   */
+  private boundMethod(callable: PyValue, argv: PyValue[]): PyBoundMethod | undefined {
+    if (!(callable instanceof PyGlobal) || !this.getattrs.has(callable) || argv.length !== 2) return undefined;
+    const [self, name] = argv;
+    if (!(self instanceof PyObject) || typeof name !== 'string' || !BOUND_METHOD_NAME.test(name)) return undefined;
+    const isInstance = self.how === 'newobj' || (self.how === 'reduce' && self.module === 'copyreg' && self.name === '_reconstructor');
+    if (!isInstance || self.callee !== undefined) return undefined;
+    const cls = self.className;
+    const dot = cls.lastIndexOf('.');
+    if (dot <= 0 || isDangerousGlobal(cls.slice(0, dot), cls.slice(dot + 1))) return undefined;
+    const bm = new PyBoundMethod(self, name);
+    this.boundMethods.push(bm);
+    return bm;
+  }
+
+  /** Reports every getattr global not used exactly as a module's `forward` bound method. */
+  private checkGetattrs(): void {
+    if (!this.getattrs.size) return;
+    const stored = this.boundMethods.filter((bm) => bm.self.state instanceof PyDict && bm.self.state.get('forward') === bm);
+    if (this.boundMethodCalled || this.getattrPushes !== this.boundMethods.length || stored.length !== this.boundMethods.length) {
+      for (const raw of new Set(this.getattrs.values())) this.flag(raw, 'builtins', 'getattr');
+    }
   }
 
   private call(callable: PyValue, args: PyValue[], how: PyObjectHow): PyValue {
+    if (callable instanceof PyBoundMethod) this.boundMethodCalled = true;
     if (callable instanceof PyGlobal) {
       const h = handlerFor(callable.qualname);
       if (h) {
@@ -680,6 +731,7 @@ export class Unpickler {
     if (!argv) this.fail(`NEWOBJ arguments are a ${pyTypeName(args)}, not a tuple`);
     const how: PyObjectHow = kwargs === undefined ? 'newobj' : 'newobj_ex';
     if (!(cls instanceof PyGlobal)) {
+      if (cls instanceof PyBoundMethod) this.boundMethodCalled = true;
       const o = new PyObject('', `<instance of ${pyTypeName(cls)}>`, how, argv, kwargs);
       o.callee = cls;
       return o;
@@ -793,6 +845,7 @@ export class Unpickler {
           break;
         case OP.STOP: {
           const value = this.pop();
+          this.checkGetattrs();
           return {
             value,
             end: cur.pos,
@@ -1042,7 +1095,7 @@ export class Unpickler {
           const callable = this.pop();
           const argv = pySequence(args);
           if (!argv) this.fail(`REDUCE arguments are a ${pyTypeName(args)}, not a tuple`);
-          this.push(this.call(callable, argv, 'reduce'));
+          this.push(this.boundMethod(callable, argv) ?? this.call(callable, argv, 'reduce'));
           break;
         }
         case OP.BUILD: {
@@ -1225,13 +1278,15 @@ class PickleWriter {
     }
   }
 
-  private global(module: string, name: string): void {
+  /** GLOBAL module name (memoized). `trusted`: the caller wrote the one safe use of a flagged name (a bound method). */
+  private global(module: string, name: string, trusted = false): void {
+    // Checked before the memo: a trusted earlier use must not let an untrusted one through.
+    if (!trusted) this.checkGlobal(module, name);
     const key = `\0g${module}\n${name}`;
     const m = this.strMemo.get(key);
     if (m !== undefined) return this.get(m);
     const mod = py2Module(module);
     if (mod.includes('\n') || name.includes('\n')) throw new RepFuseError(`cannot pickle a global named ${JSON.stringify(`${module}.${name}`)}.`);
-    this.checkGlobal(module, name);
     this.out.u8(OP.GLOBAL);
     this.out.bytes(Buffer.from(`${mod}\n${name}\n`, 'utf8'));
     this.strMemo.set(key, this.put());
@@ -1440,6 +1495,16 @@ class PickleWriter {
     if (v instanceof PyFloat) return this.saveFloat(v.value);
     if (v instanceof PyGlobal) return this.global(v.module, v.name);
     const m = this.memo.get(v);
+    if (v instanceof PyBoundMethod) {
+      // As Python pickles a bound method (method.__reduce__): getattr(self, name), self from the memo.
+      // Only the one shape the reader accepts: the module's own `forward` attribute.
+      if (!BOUND_METHOD_NAME.test(v.name)) throw new RepFuseError(`cannot pickle a bound method named ${JSON.stringify(v.name.slice(0, 80))}.`);
+      if (!(v.self.state instanceof PyDict) || v.self.state.get('forward') !== v) {
+        throw new RepFuseError(`refusing to pickle the bound method ${v.self.className}.${v.name} anywhere but as its own module's 'forward' attribute.`);
+      }
+      if (m !== undefined) return this.get(m);
+      return this.reduce(() => this.global('builtins', 'getattr', true), [v.self, v.name], v, depth);
+    }
     if (m !== undefined) return this.get(m);
     if (v instanceof Uint8Array) return this.saveBytes(v, depth);
     if (Array.isArray(v)) {
@@ -1465,6 +1530,7 @@ class PickleWriter {
     }
     if (v instanceof PyObject) {
       const extra = { listItems: v.listItems, dictItems: v.dictItems, state: v.state };
+      if (v.callee instanceof PyBoundMethod) throw new RepFuseError(`refusing to pickle a call of the bound method ${v.callee.self.className}.${v.callee.name} (it would run when loaded).`);
       const callee = (): void => (v.callee !== undefined ? this.save(v.callee, depth + 1) : this.global(v.module, v.name));
       switch (v.how) {
         case 'reduce':

@@ -21,6 +21,7 @@ export type PyValue =
   | PySet
   | PyObject
   | PyGlobal
+  | PyBoundMethod
   | PyFloat
   | PySlice
   | PyComplex
@@ -56,6 +57,22 @@ export class PyGlobal {
     return `${this.module}.${this.name}`;
   }
 }
+
+/**
+ * A bound method stored as an instance attribute: `module.forward = module.forward_fuse`, which the
+ * official fuse() of YOLO repos does. Python pickles it as `getattr(module, 'forward_fuse')`
+ * (GLOBAL builtins.getattr, the module itself from the memo, REDUCE); the reader accepts that one
+ * shape only (see pickle.ts) and keeps it inert, and the writer emits it the same way.
+ */
+export class PyBoundMethod {
+  constructor(
+    readonly self: PyObject,
+    readonly name: string,
+  ) {}
+}
+
+/** Method names a PyBoundMethod may carry: a plain identifier, never a dunder or private name. */
+export const BOUND_METHOD_NAME = /^[A-Za-z][A-Za-z0-9_]{0,63}$/;
 
 export type PyObjectHow = 'reduce' | 'newobj' | 'newobj_ex' | 'inst' | 'obj';
 
@@ -323,6 +340,7 @@ export function pyTypeName(v: PyValue | undefined): string {
   if (Array.isArray(v)) return 'list';
   if (v instanceof PyObject) return v.className;
   if (v instanceof PyGlobal) return v.qualname;
+  if (v instanceof PyBoundMethod) return `bound method ${v.self.className}.${v.name}`;
   return (v as object).constructor.name;
 }
 
