@@ -201,6 +201,61 @@ describe('repfuse fuse --drop-aux', () => {
   });
 });
 
+describe('ONNX: repfuse fuse --drop-aux on an export of the YOLOv9-C training model', () => {
+  const FX = path.join(OFFICIAL, 'dropaux_yolov9_onnx');
+  test('the auxiliary outputs and only their nodes go; the main output equals the notebook-converted GELAN', async () => {
+    const out = path.join(tmp, 'gelan.onnx');
+    const r = await fuse(path.join(FX, 'train.onnx'), { ...defaultFuseOptions, output: out, dropAux: true, inputNpy: { images: path.join(FX, 'input.npy') } });
+    assert.ok(r.dropAuxOnnx);
+    assert.deepEqual(r.dropAuxOnnx.removedOutputs, ['y_aux', 'd1_0', 'd1_1', 'd1_2']);
+    assert.deepEqual(r.dropAuxOnnx.keptOutputs, ['y_main', 'd2_0', 'd2_1', 'd2_2']);
+    assert.equal(r.input, path.join(FX, 'train.onnx'));
+    assert.ok(r.validation?.passed, 'the pruned model and the fused one agree');
+    assert.deepEqual(r.validation!.outputs.map((o) => o.name), ['y_main', 'd2_0', 'd2_1', 'd2_2']);
+    // The aux branch (layers 23–37 and the head's cv2/cv3/dfl) is gone from the fused graph.
+    const ort = await import('onnxruntime-node');
+    const sess = await ort.InferenceSession.create(out);
+    assert.deepEqual(sess.outputNames, ['y_main', 'd2_0', 'd2_1', 'd2_2']);
+    const x = readNpyF32(path.join(FX, 'input.npy'));
+    const y = (await sess.run({ images: new ort.Tensor('float32', x.data, x.shape) })).y_main.data as Float32Array;
+    const ref = readNpyF32(path.join(FX, 'notebook_out_0.npy'));
+    assert.equal(y.length, ref.data.length);
+    let maxAbs = 0;
+    let maxRef = 0;
+    for (let k = 0; k < y.length; k++) {
+      maxAbs = Math.max(maxAbs, Math.abs(y[k] - ref.data[k]));
+      maxRef = Math.max(maxRef, Math.abs(ref.data[k]));
+    }
+    assert.ok(maxAbs <= 2e-4 * maxRef, `max |Δ| ${maxAbs} vs the notebook's GELAN (max |y| ${maxRef})`);
+    const names = (await import('../src/core/onnx')).openOnnx(out);
+    try {
+      const aux = names.graph.nodes.filter((n) => /\/model\.(2[3-9]|3[0-7])\/|\/model\.38\/(cv2|cv3|dfl)[./]/.test(n.name));
+      assert.deepEqual(aux.map((n) => n.name), [], 'no auxiliary node left');
+    } finally {
+      names.close();
+    }
+  });
+
+  test('an ONNX model without auxiliary heads is fused as usual, with a note', async () => {
+    const input = path.join(repoRoot, 'examples', 'repvgg_tiny.onnx');
+    const r = await fuse(input, { ...defaultFuseOptions, output: path.join(tmp, 'rv.onnx'), dropAux: true, validate: false });
+    assert.deepEqual(r.dropAuxOnnx?.removedOutputs, []);
+    assert.match(r.inspect.model.notes.join('\n'), /--drop-aux: no auxiliary head/);
+    assert.ok(r.blocksFused > 0);
+  });
+});
+
+/** A float32 .npy (C order) as data + shape. */
+function readNpyF32(file: string): { data: Float32Array; shape: number[] } {
+  const b = fs.readFileSync(file);
+  const hlen = b.readUInt16LE(8);
+  const header = b.subarray(10, 10 + hlen).toString('latin1');
+  assert.match(header, /'descr': '<f4'/);
+  const shape = /'shape': \(([^)]*)\)/.exec(header)![1].split(',').filter((x) => x.trim()).map(Number);
+  const off = 10 + hlen;
+  return { data: new Float32Array(b.buffer.slice(b.byteOffset + off, b.byteOffset + b.length)), shape };
+}
+
 describe('the converted checkpoint runs in PyTorch and equals the notebook', () => {
   let torchProblem: string | undefined;
   before(() => {

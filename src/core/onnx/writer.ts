@@ -29,7 +29,7 @@ export interface Plan {
   insertInitializers: Map<string, NewTensor[]>;
   /** New tensors with no anchor: appended after the last initializer. */
   appendInitializers: NewTensor[];
-  /** Tensor names that no longer exist: their value_info and graph input entries are dropped. */
+  /** Tensor names that no longer exist: their value_info, graph input and graph output entries are dropped. */
   removedTensors: Set<string>;
 }
 
@@ -212,7 +212,8 @@ function layoutModel(model: OnnxModel, plan: Plan, opts: WriteOptions, data: { l
         if (f.kind === 'input' && i === lastInput) emitExtraInputs();
         break;
       case 'output':
-        g.copy(src, w.start, w.end - w.start);
+        // A graph output is removed only on purpose (--drop-aux); fused blocks never remove one.
+        if (!plan.removedTensors.has(f.name)) g.copy(src, w.start, w.end - w.start);
         if (i === lastOutput) emitExtraOutputs();
         break;
       default:
