@@ -1,9 +1,9 @@
 // Per-branch numbers of one block (raw weights, BN parameters, exact contribution to the fused
 // kernel), format-independent: the statistics view is built from this.
+import { branchLabel } from './branches';
 import { type ConvTerm, fuseBlock, type FuseSpec, type IdentityTerm, wholeWeight } from './fusion';
 import type { BlockData, BlockInfo, BranchData } from './model';
 
-const kindLabel: Record<string, string> = { conv: 'conv', conv_bn: 'conv+bn', bn_identity: 'bn(x)', identity: 'x' };
 
 /**
  * Builds BlockData from a fusion spec: each branch's contribution is that branch fused alone. A BN
@@ -14,7 +14,7 @@ export function blockDataFromSpec(block: BlockInfo, spec: FuseSpec): BlockData {
   const branches: BranchData[] = spec.terms.map((t: ConvTerm | IdentityTerm, i) => {
     const info = block.branches[i];
     const alone = fuseBlock({ ...spec, terms: [t], postBN: undefined }, { invalidBN: 'nan' });
-    const label = `${info.kernel ? info.kernel.join('×') + ' ' : ''}${kindLabel[info.kind]}${info.scaled ? '·α' : ''}`;
+    const label = branchLabel(info);
     const d: BranchData = { label, kind: info.kind, contribution: { shape: alone.shape, weight: alone.weight, bias: alone.bias } };
     if (t.kind === 'conv') {
       d.weight = { shape: [spec.outChannels, spec.inPerGroup, ...t.kernel], values: wholeWeight(t.weight, spec.outChannels) };

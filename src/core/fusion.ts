@@ -34,6 +34,8 @@ export interface IdentityTerm {
   kind: 'identity';
   /** BN applied to the input (RepVGG's rbr_identity); absent for a bare `x`. */
   bn?: BNParams;
+  /** Scalar or per-channel factor applied after the BN (a layer scale; negative when subtracted). */
+  scale?: number | Num;
 }
 
 export interface FuseSpec {
@@ -143,6 +145,15 @@ export function prepareFusion(spec: FuseSpec, opts: PrepareOptions = {}): Prepar
         const { scale, shift } = bnScaleShift(term.bn, cout, spec.name, opts.invalidBN);
         mult = scale;
         tb.set(shift);
+      }
+      const sc = term.scale;
+      if (sc !== undefined) {
+        if (typeof sc !== 'number' && sc.length !== 1 && sc.length !== cout) throw new FusionError(`${spec.name}: a factor has ${sc.length} values, expected 1 or ${cout}.`);
+        mult ??= new Float64Array(cout).fill(1);
+        for (let o = 0; o < cout; o++) {
+          mult[o] *= factorOf(sc, o);
+          tb[o] *= factorOf(sc, o);
+        }
       }
       terms.push({ term, ks: 1, posMap: Int32Array.of(centre), mult, bias: tb });
     } else {

@@ -1,18 +1,12 @@
 // The shared vocabulary: what every format reader reports about a model and its blocks.
 // Detection, the CLI, the tree view and the webview consume only these types.
 
+import type { BranchKind } from './branches';
+
 export type ModelFormat = 'onnx' | 'pytorch' | 'safetensors';
 
-/** How one parallel branch of a block contributes to the sum. */
-export type BranchKind =
-  /** k×k convolution (bias optional; PyTorch's exporter folds its BN into it). */
-  | 'conv'
-  /** convolution followed by its own BatchNormalization. */
-  | 'conv_bn'
-  /** BatchNormalization of the block input: the identity branch. */
-  | 'bn_identity'
-  /** the block input itself. */
-  | 'identity';
+/** How one parallel branch of a block contributes to the sum: the table is src/core/branches.ts. */
+export type { BranchKind } from './branches';
 
 export interface BranchInfo {
   kind: BranchKind;
@@ -23,8 +17,10 @@ export interface BranchInfo {
   /** Epsilon of this branch's BN, as stored in the model (or assumed: see `epsilonSource`). */
   epsilon?: number;
   epsilonSource?: 'model' | 'assumed' | 'override';
-  /** A constant factor multiplies the branch (PP-YOLOE's alpha). */
+  /** A constant factor multiplies the branch (PP-YOLOE's alpha, a layer scale). */
   scaled?: boolean;
+  /** The branch is subtracted from the sum (FastViT RepMixer's norm). */
+  subtracted?: boolean;
   /** Parameter count of the branch (weights, bias, BN γ/β/mean/var, factor). */
   params: number;
   /** Element type of the branch weights. */

@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { analyzeCheckpoint, checkpointBlockData, FAMILIES, fusedStateDict, writtenValues } from '../core/checkpoint';
+import { keepsPostBN } from '../core/checkpoint/detect';
 import { ckptBlockSpec } from '../core/checkpoint/fuse';
 import { isFloatType } from '../core/dtype';
 import { FormatError, FusionError, RepFuseError } from '../core/errors';
@@ -136,7 +137,7 @@ async function quantCheckpoint(file: string, opts: QuantOptions): Promise<{ c: C
   try {
     const w = a.primary;
     const notes: string[] = ['checkpoint: weights are state_dict tensors named *weight with 2 (Linear) to 5 (Conv) dimensions; output channels on axis 0'];
-    const byKey = new Map(w.detection.blocks.map((b) => [`${b.node.path}.${FAMILIES[b.family].deployName}.weight`, b]));
+    const byKey = new Map(w.detection.blocks.map((b) => [`${b.node.path}.${FAMILIES[b.family].deploy.module}.weight`, b]));
     const sd = fusedStateDict(w);
     const written = new Map<string, { values: Float64Array; bias: Float64Array; shape: number[] }>();
     const tensors: TensorQuant[] = [];
@@ -160,7 +161,7 @@ async function quantCheckpoint(file: string, opts: QuantOptions): Promise<{ c: C
       weight: tensors.find((t) => t.block === b.info.name)?.name ?? '',
       gains: branchGains(checkpointBlockData(a, b.info.name)),
     }));
-    if (w.detection.blocks.some((b) => b.postBN && FAMILIES[b.family].keepPostBN)) {
+    if (w.detection.blocks.some((b) => keepsPostBN(b.family, b.postBN))) {
       notes.push('QARepVGG-style blocks keep their post-add BatchNorm in the deploy model: the fused weight (and the measured block output) excludes it');
     }
     const c: Collected = { format: a.format, fusedInMemory: w.detection.blocks.length > 0, tensors, blocks, notes };

@@ -4,6 +4,7 @@
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { FAMILIES, isFamilyId } from '../../src/core/families';
 import { readSafetensors } from '../../src/core/safetensors';
 import { namedTensors, openTorch } from '../../src/core/torch/load';
 import type { TorchTensor } from '../../src/core/torch/tensor';
@@ -103,28 +104,11 @@ export const fixturePath = (fx: ManifestFile | string): string => path.join(torc
 
 export const isFullModule = (fx: ManifestFile): boolean => fx.form === 'full_module' || fx.form === 'full_module_ema';
 
-/** The label RepFuse gives each fixture family (and, for Ultralytics, class). */
+/** The label RepFuse gives each fixture family (and, for Ultralytics, class): from the family registry. */
 export function familyLabel(b: ManifestBlock): string {
-  switch (b.family) {
-    case 'repvgg':
-      return 'RepVGG';
-    case 'yolov7':
-      return 'YOLOv7 RepConv';
-    case 'mobileone':
-      return 'MobileOne';
-    case 'ultralytics':
-      return b.class === 'RepVGGDW' ? 'Ultralytics RepVGGDW' : 'Ultralytics RepConv';
-    case 'acnet':
-      return 'ACNet';
-    case 'qarepvgg':
-      return 'QARepVGG';
-    case 'repvit':
-      return 'RepViT RepVGGDW';
-    case 'ppyoloe':
-      return 'PP-YOLOE RepVgg';
-    default:
-      throw new Error(`no label known for fixture family '${b.family}'`);
-  }
+  const id = b.family === 'ultralytics' ? (b.class === 'RepVGGDW' ? 'ultralytics_repvggdw' : 'ultralytics_repconv') : b.family;
+  if (!isFamilyId(id)) throw new Error(`no family '${b.family}' in the registry`);
+  return FAMILIES[id].label;
 }
 
 /** The keys RepFuse writes when fusing `fx` into a state_dict: the manifest's deploy keys, `module.` stripped. */

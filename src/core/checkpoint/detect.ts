@@ -1,76 +1,25 @@
-// Block detection in checkpoints: by the module names each family uses and by structure. Works on
-// trees from pickled modules (class names, eps, stride, padding, groups known) and on trees from
-// bare state_dict keys (those inferred from shapes or family defaults, and said so).
+// Block detection in checkpoints, driven by the family registry (src/core/families): each family's
+// matcher reads its branches by the module names it uses. Works on trees from pickled modules
+// (class names, eps, stride, padding, groups known) and on trees from bare state_dict keys (those
+// inferred from shapes or family defaults, and said so). In a detected block every child module,
+// parameter and buffer is either consumed by the fusion or known to be inert for it; anything
+// else rejects the block, named with its class.
 import { dtypeName, isFloatType } from '../dtype';
-import type { BranchInfo, BranchKind, BlockInfo, RejectedCandidate } from '../model';
-import { type CkptTensor, get, type ModuleNode, numelOf, walk } from './tree';
+import { RepFuseError } from '../errors';
+import { FAMILIES, FAMILY_LIST, type FamilyDef, type FamilyId, isFamilyId } from '../families';
+import type { BranchInfo, BlockInfo, RejectedCandidate } from '../model';
+import { type BNRef, type CkptBranch, fmt, isInertClass, type MatchContext, type MatchResult, Reject } from './match';
+import { type ModuleNode, numelOf, walk } from './tree';
 
-export type FamilyId = 'yolov7' | 'repvgg' | 'yolov6' | 'qarepvgg' | 'mobileone' | 'ultralytics_repconv' | 'ultralytics_repvggdw' | 'acnet' | 'repvit' | 'ppyoloe';
-
-export interface FamilyDef {
-  label: string;
-  /** BN epsilon the family's training code uses (for bare state_dicts). */
-  eps: number;
-  /** Module name of the fused conv in the deploy model. */
-  deployName: string;
-  /** Children removed by the family's own deploy conversion. */
-  remove: string[];
-  /** Attributes the deploy conversion sets. */
-  setAttrs?: Record<string, unknown>;
-  /** Attributes set to None (a parameter or module slot that disappears). */
-  setNone?: string[];
-  /** The post-add BN stays in the deploy model (YOLOv6 QARepVGG) instead of being folded. */
-  keepPostBN?: boolean;
-}
-
-export const FAMILIES: Record<FamilyId, FamilyDef> = {
-  yolov7: { label: 'YOLOv7 RepConv', eps: 1e-3, deployName: 'rbr_reparam', remove: ['rbr_dense', 'rbr_1x1', 'rbr_identity'], setAttrs: { deploy: true } },
-  repvgg: { label: 'RepVGG', eps: 1e-5, deployName: 'rbr_reparam', remove: ['rbr_dense', 'rbr_1x1', 'rbr_identity'], setAttrs: { deploy: true } },
-  yolov6: { label: 'YOLOv6 RepVGGBlock', eps: 1e-3, deployName: 'rbr_reparam', remove: ['rbr_dense', 'rbr_1x1', 'rbr_identity'], setAttrs: { deploy: true } },
-  qarepvgg: { label: 'QARepVGG', eps: 1e-5, deployName: 'rbr_reparam', remove: ['rbr_dense', 'rbr_1x1', 'rbr_identity'], setAttrs: { deploy: true }, keepPostBN: true },
-  mobileone: { label: 'MobileOne', eps: 1e-5, deployName: 'reparam_conv', remove: ['rbr_conv', 'rbr_scale', 'rbr_skip'], setAttrs: { inference_mode: true } },
-  ultralytics_repconv: { label: 'Ultralytics RepConv', eps: 1e-3, deployName: 'conv', remove: ['conv1', 'conv2', 'bn', 'id_tensor'], setNone: ['bn'] },
-  ultralytics_repvggdw: { label: 'Ultralytics RepVGGDW', eps: 1e-3, deployName: 'conv', remove: ['conv', 'conv1'] },
-  acnet: { label: 'ACNet', eps: 1e-5, deployName: 'fused_conv', remove: ['square_conv', 'square_bn', 'ver_conv', 'ver_bn', 'hor_conv', 'hor_bn'], setAttrs: { deploy: true } },
-  repvit: { label: 'RepViT RepVGGDW', eps: 1e-5, deployName: 'conv', remove: ['conv', 'conv1', 'bn'] },
-  ppyoloe: { label: 'PP-YOLOE RepVgg', eps: 1e-5, deployName: 'conv', remove: ['conv1', 'conv2'], setNone: ['alpha'] },
-};
-
-export interface ConvRef {
-  node: ModuleNode;
-  weight: CkptTensor;
-  bias?: CkptTensor;
-  kernel: number[];
-  /** From the pickled module, else undefined. */
-  stride?: number[];
-  padding?: number[];
-  groups?: number;
-}
-
-export interface BNRef {
-  node: ModuleNode;
-  gamma?: CkptTensor;
-  beta?: CkptTensor;
-  mean: CkptTensor;
-  variance: CkptTensor;
-  eps: number;
-  epsSource: 'model' | 'assumed' | 'override';
-}
-
-export interface CkptBranch {
-  kind: BranchKind;
-  conv?: ConvRef;
-  bn?: BNRef;
-  /** PP-YOLOE's alpha. */
-  scale?: CkptTensor;
-}
+export type { BNRef, CkptBranch, ConvRef, PoolRef } from './match';
+export { FAMILIES, type FamilyDef, type FamilyId } from '../families';
 
 export interface CkptBlock {
   info: BlockInfo;
   node: ModuleNode;
   family: FamilyId;
   branches: CkptBranch[];
-  /** BN on the sum, folded into the fused conv (unless the family keeps it: see FamilyDef). */
+  /** BN on the sum, folded into the fused conv (unless the family keeps it: see its deploy.keep). */
   postBN?: BNRef;
   kernel: number[];
   stride: number[];
@@ -93,74 +42,73 @@ export interface CkptDetectOptions {
    * (true for torch state_dicts; safetensors sorts its names).
    */
   moduleOrder?: boolean;
+  /** `--family`: the family to assume where a state_dict cannot tell variants apart (qarepvgg / qarepvggv2). */
+  family?: string;
 }
 
-class Reject extends Error {}
-
-const pyTuple = (v: unknown): number[] | undefined => {
-  if (typeof v === 'number') return [v];
-  if (Array.isArray(v) && v.every((x) => typeof x === 'number')) return v as number[];
-  return undefined;
-};
-
-function asConv(n: ModuleNode | undefined): ConvRef | undefined {
-  if (!n) return undefined;
-  const w = n.tensors.get('weight');
-  if (!w || w.shape.length < 3 || n.tensors.has('running_mean')) return undefined;
-  const ref: ConvRef = { node: n, weight: w, bias: n.tensors.get('bias'), kernel: w.shape.slice(2) };
-  if (n.className || n.attrs.size) {
-    ref.stride = pyTuple(n.attrs.get('stride'));
-    const pad = n.attrs.get('padding');
-    if (typeof pad === 'string') {
-      if (pad === 'same') ref.padding = ref.kernel.map((k) => (k - 1) / 2);
-      else if (pad === 'valid') ref.padding = ref.kernel.map(() => 0);
-    } else ref.padding = pyTuple(pad);
-    const g = n.attrs.get('groups');
-    if (typeof g === 'number') ref.groups = g;
-    const dil = pyTuple(n.attrs.get('dilation'));
-    if (dil && dil.some((d) => d !== 1)) throw new Reject(`'${n.path}' has dilation ${dil.join('×')}; only dilation 1 can be merged.`);
-    const mode = n.attrs.get('padding_mode');
-    if (typeof mode === 'string' && mode !== 'zeros') throw new Reject(`'${n.path}' pads with '${mode}', not zeros; padding would not commute with the sum.`);
-  }
-  return ref;
-}
-
-function asBN(n: ModuleNode | undefined, eps: (n: ModuleNode) => Pick<BNRef, 'eps' | 'epsSource'>): BNRef | undefined {
-  if (!n) return undefined;
-  const mean = n.tensors.get('running_mean');
-  const variance = n.tensors.get('running_var');
-  if (!mean || !variance) return undefined;
-  if (n.attrs.get('track_running_stats') === false) throw new Reject(`'${n.path}' does not track running statistics.`);
-  return { node: n, gamma: n.tensors.get('weight'), beta: n.tensors.get('bias'), mean, variance, ...eps(n) };
-}
-
-/** A conv followed by its BN, in any of the child namings the families use. */
-function asConvBN(n: ModuleNode | undefined, eps: (n: ModuleNode) => Pick<BNRef, 'eps' | 'epsSource'>): { conv: ConvRef; bn: BNRef } | undefined {
-  if (!n) return undefined;
-  for (const [c, b] of [['conv', 'bn'], ['0', '1'], ['c', 'bn']]) {
-    const conv = asConv(n.children.get(c));
-    const bn = asBN(n.children.get(b), eps);
-    if (conv && bn) return { conv, bn };
-  }
-  return undefined;
-}
-
-const fmt = (k: number[]) => k.join('×');
+/** Whether the family keeps its post-add BN in the deploy model (so the fusion must not fold it). */
+export const keepsPostBN = (family: FamilyId, postBN: BNRef | undefined): boolean => !!postBN && (FAMILIES[family].deploy.keep ?? []).includes(postBN.node.name);
 
 /** Elements held by a module's own tensors (a BN's num_batches_tracked included). */
 const tensorCount = (n: ModuleNode | undefined): number => (n ? [...n.tensors.values()].reduce((a, t) => a + numelOf(t.shape), 0) : 0);
 
+/** Modules of a branch, for accounting and for the report's `parts`. */
+function branchNodes(b: CkptBranch): ModuleNode[] {
+  return [b.first?.conv.node, b.first?.bn?.node, b.conv?.node, b.bn?.node, b.pool?.node].filter((x): x is ModuleNode => !!x);
+}
+
+/** Geometry of one branch as the fused conv sees it. */
+interface Geometry {
+  node: ModuleNode;
+  cout: number;
+  cpg: number;
+  /** Effective kernel (dilated spread out, sequential composed). */
+  kernel: number[];
+  padding?: number[];
+  stride?: number[];
+  groups?: number;
+  dtype: number;
+}
+
+function geometry(b: CkptBranch): Geometry | undefined {
+  if (b.kind === 'identity' || b.kind === 'bn_identity' || b.kind === 'avgpool') return undefined;
+  const cv = b.conv!;
+  if (b.kind === 'sequential') {
+    const f = b.first!.conv;
+    if (f.stride && f.stride.some((s) => s !== 1) && cv.stride && cv.stride.some((s) => s !== 1)) throw new Reject(`'${f.node.path}' and '${cv.node.path}' both have a stride; only one of two convs in series may.`);
+    if (f.dilation || cv.dilation) throw new Reject(`'${(f.dilation ? f : cv).node.path}' is dilated inside a sequential branch; it cannot be merged.`);
+    const kernel = f.kernel.map((k, i) => k + cv.kernel[i] - 1);
+    const padding = f.padding && cv.padding ? f.padding.map((p, i) => p + cv.padding![i] + (b.seqPadding?.[i] ?? 0)) : undefined;
+    const stride = f.stride && cv.stride ? f.stride.map((s, i) => s * cv.stride![i]) : undefined;
+    return { node: cv.node, cout: cv.weight.shape[0], cpg: f.weight.shape[1], kernel, padding, stride, groups: f.groups ?? cv.groups, dtype: cv.weight.dtype };
+  }
+  if (cv.dilation && b.kind !== 'dilated') throw new Reject(`'${cv.node.path}' has dilation ${fmt(cv.dilation)}; only dilation 1 can be merged here.`);
+  const d = b.kind === 'dilated' ? (cv.dilation ?? cv.kernel.map(() => 1)) : cv.kernel.map(() => 1);
+  const kernel = cv.kernel.map((k, i) => (k - 1) * d[i] + 1);
+  return { node: cv.node, cout: cv.weight.shape[0], cpg: cv.weight.shape[1], kernel, padding: cv.padding, stride: cv.stride, groups: cv.groups, dtype: cv.weight.dtype };
+}
+
 export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {}): CkptDetection {
   const det: CkptDetection = { blocks: [], rejected: [] };
   const claimed = new Set<ModuleNode>();
-  const allPaths = [...walk(root)].map((n) => n.path).join(' ');
-  const yolov6Hints = /ERBlock_|Rep_p\d|Rep_n\d|\bneck\.Rep/.test(allPaths);
-  // PP-YOLOE's RepVggBlock has alpha only when use_alpha is set; its CSPResNet layout names blocks
-  // stages.N.blocks.M, and one block with alpha marks the whole file as PP-YOLOE.
-  const ppyoloeHints = /\bstages\.\d+\.blocks\.\d+\.conv2\.conv1\b/.test(allPaths) || [...walk(root)].some((n) => n.children.has('conv1') && n.children.has('conv2') && n.tensors.has('alpha'));
-
   const order = [...walk(root)];
-  const inferred = new Map<ModuleNode, string>();
+  const allPaths = order.map((n) => n.path).join(' ');
+  if (opts.family !== undefined && !isFamilyId(opts.family)) {
+    throw new RepFuseError(`--family: unknown family '${opts.family}'; known: ${FAMILY_LIST.map((f) => f.id).join(', ')}.`);
+  }
+
+  const ctx: MatchContext = {
+    eps: (family: string) => (n: ModuleNode): Pick<BNRef, 'eps' | 'epsSource'> => {
+      if (opts.eps !== undefined) return { eps: opts.eps, epsSource: 'override' };
+      const e = n.attrs.get('eps');
+      if (typeof e === 'number') return { eps: e, epsSource: 'model' };
+      return { eps: FAMILIES[family as FamilyId].eps, epsSource: 'assumed' };
+    },
+    allPaths,
+    previousOutChannels,
+    forced: opts.family,
+  };
+
   /** Output channels of the nearest module before `n` (in state_dict order) that holds tensors. */
   function previousOutChannels(n: ModuleNode): number | undefined {
     if (opts.moduleOrder === false) return undefined;
@@ -176,166 +124,104 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
 
   for (const node of order) {
     if ([...claimed].some((c) => node.path.startsWith(c.path + '.'))) continue;
-    let family: FamilyId | undefined;
+    let family: FamilyDef | undefined;
     try {
-      const found = match(node);
+      let found: MatchResult | undefined;
+      for (const fam of FAMILY_LIST as readonly FamilyDef[]) {
+        found = fam.match?.(node, ctx);
+        if (found) break;
+      }
       if (!found) continue;
-      family = found.family;
-      const block = build(node, found.family, found.branches, found.postBN);
-      det.blocks.push(block);
+      if (!isFamilyId(found.family)) throw new Error(`internal error: a matcher returned the unknown family '${found.family}'`);
+      family = FAMILIES[found.family];
+      account(node, family, found);
+      det.blocks.push(build(node, found.family, found));
       claimed.add(node);
     } catch (err) {
       if (!(err instanceof Reject)) throw err;
-      det.rejected.push({ name: node.path, reason: `${family ? FAMILIES[family].label + ': ' : ''}${err.message}`, parts: [...node.children.keys()] });
+      det.rejected.push({ name: node.path, reason: `${family ? family.label + ': ' : ''}${err.message}`, parts: [...node.children.keys()] });
       claimed.add(node);
     }
   }
   return det;
 
-  function epsFor(family: FamilyId) {
-    return (n: ModuleNode): Pick<BNRef, 'eps' | 'epsSource'> => {
-      if (opts.eps !== undefined) return { eps: opts.eps, epsSource: 'override' };
-      const e = n.attrs.get('eps');
-      if (typeof e === 'number') return { eps: e, epsSource: 'model' };
-      return { eps: FAMILIES[family].eps, epsSource: 'assumed' };
+  /**
+   * Nothing unexplained passes: every module and tensor under the block is consumed by a branch
+   * (or the post-add BN), applied after the sum (the family's `after` children), or inert
+   * (nn.Identity, Dropout); a container counts when everything in it does.
+   */
+  function account(node: ModuleNode, family: FamilyDef, r: MatchResult): void {
+    const consumed = new Set<ModuleNode>(r.branches.flatMap(branchNodes));
+    if (r.postBN) consumed.add(r.postBN.node);
+    const after = new Set(family.after ?? []);
+    const unexplained: string[] = [];
+    const rel = (m: ModuleNode) => m.path.slice(node.path.length + (node.path ? 1 : 0));
+    const describe = (m: ModuleNode) => `${rel(m)} (${m.className ?? `tensors ${[...m.tensors.keys()].join(', ')}`})`;
+    /** True when `m` and everything under it is explained; records what is not. */
+    const visit = (m: ModuleNode): boolean => {
+      if (consumed.has(m)) {
+        let ok = true;
+        for (const c of m.children.values()) ok = visit(c) && ok;
+        return ok;
+      }
+      if (m.parent === node && after.has(m.name)) return true;
+      if (isInertClass(m.className) && m.tensors.size === 0 && m.children.size === 0) return true;
+      if (m.tensors.size === 0 && m.children.size > 0) {
+        const before = unexplained.length;
+        let ok = true;
+        for (const c of m.children.values()) ok = visit(c) && ok;
+        if (!ok && unexplained.length === before) unexplained.push(describe(m));
+        return ok;
+      }
+      if (m.tensors.size === 0 && !m.className) return true; // a state_dict cannot show it; nothing to fuse wrongly
+      unexplained.push(describe(m));
+      return false;
     };
+    for (const c of node.children.values()) visit(c);
+    const own = new Set(r.ownTensors ?? []);
+    for (const k of node.tensors.keys()) if (!own.has(k)) unexplained.push(`${k} (a tensor of the block itself)`);
+    if (unexplained.length) {
+      throw new Reject(`not understood: ${unexplained.join(', ')}; the block is left as it is (a branch RepFuse cannot read would make the fused conv wrong).`);
+    }
   }
 
-  function match(n: ModuleNode): { family: FamilyId; branches: CkptBranch[]; postBN?: BNRef } | undefined {
-    const c = n.children;
-    if (c.has('rbr_dense')) {
-      const sequential = get(n, 'rbr_dense', '0') !== undefined;
-      const rawOne = asConv(c.get('rbr_1x1'));
-      const isQA = !!rawOne && !!asBN(c.get('bn'), () => ({ eps: 0, epsSource: 'model' }));
-      const family: FamilyId = sequential ? 'yolov7' : isQA ? 'qarepvgg' : yolov6Hints || /yolov6/i.test(n.className ?? '') ? 'yolov6' : 'repvgg';
-      const eps = epsFor(family);
-      const dense = asConvBN(c.get('rbr_dense'), eps);
-      if (!dense) throw new Reject(`'rbr_dense' is not a conv followed by a BatchNorm.`);
-      const branches: CkptBranch[] = [{ kind: 'conv_bn', ...dense }];
-      if (c.get('rbr_1x1')) {
-        const one = asConvBN(c.get('rbr_1x1'), eps);
-        if (one) branches.push({ kind: 'conv_bn', ...one });
-        else if (rawOne) branches.push({ kind: 'conv', conv: rawOne });
-        else throw new Reject(`'rbr_1x1' is neither a conv nor a conv followed by a BatchNorm.`);
-      }
-      const id = c.get('rbr_identity');
-      const idBN = asBN(id, eps);
-      if (idBN) branches.push({ kind: 'bn_identity', bn: idBN });
-      else if (id && id.className && /Identity$/.test(id.className)) branches.push({ kind: 'identity' });
-      else if (!id && family === 'qarepvgg' && !n.className) {
-        // nn.Identity has no tensors, so a bare state_dict cannot show it: QARepVGG has it exactly
-        // when the block keeps its width (and stride 1, which a state_dict cannot show either). The
-        // input width is read off the layer before the block.
-        const w = dense.conv.weight.shape;
-        const cin = previousOutChannels(n) ?? w[1];
-        if (cin === w[0]) {
-          branches.push({ kind: 'identity' });
-          inferred.set(n, `identity branch inferred (nn.Identity has no tensors): the layer before outputs ${cin} channels = the block's output, stride 1 assumed`);
-        }
-      }
-      const postBN = family === 'qarepvgg' ? asBN(c.get('bn'), eps) : undefined;
-      return { family, branches, postBN };
-    }
-    if (c.has('rbr_conv') || c.has('rbr_skip') || (c.has('rbr_scale') && !c.has('rbr_dense'))) {
-      const eps = epsFor('mobileone');
-      const branches: CkptBranch[] = [];
-      for (const b of c.get('rbr_conv')?.children.values() ?? []) {
-        const cb = asConvBN(b, eps);
-        if (!cb) throw new Reject(`'${b.path}' is not a conv followed by a BatchNorm.`);
-        branches.push({ kind: 'conv_bn', ...cb });
-      }
-      if (c.get('rbr_scale')) {
-        const s = asConvBN(c.get('rbr_scale'), eps);
-        if (!s) throw new Reject(`'rbr_scale' is not a conv followed by a BatchNorm.`);
-        branches.push({ kind: 'conv_bn', ...s });
-      }
-      const skip = asBN(c.get('rbr_skip'), eps);
-      if (skip) branches.push({ kind: 'bn_identity', bn: skip });
-      if (!branches.some((b) => b.conv)) return undefined;
-      return { family: 'mobileone', branches };
-    }
-    if (c.has('square_conv') && c.has('square_bn')) {
-      const eps = epsFor('acnet');
-      const branches: CkptBranch[] = [];
-      for (const p of ['square', 'ver', 'hor']) {
-        const conv = asConv(c.get(`${p}_conv`));
-        const bn = asBN(c.get(`${p}_bn`), eps);
-        if (!conv && !bn) continue;
-        if (!conv || !bn) throw new Reject(`'${p}_conv'/'${p}_bn' is not a conv followed by a BatchNorm.`);
-        branches.push({ kind: 'conv_bn', conv, bn });
-      }
-      return { family: 'acnet', branches };
-    }
-    // conv1/conv2 and conv/conv1 are common names for convs in SERIES too (YOLOX, ResNet-style
-    // blocks). Only take them as parallel branches when the class says so, or — in a bare
-    // state_dict — when the shapes can only be parallel branches of one input.
-    const repClass = (re: RegExp) => (n.className ? re.test(n.className) : undefined);
-    const parallelShapes = (a: ConvRef, b: ConvRef) =>
-      a.weight.shape[0] === b.weight.shape[0] && a.weight.shape[1] === b.weight.shape[1] && fmt(a.kernel) !== fmt(b.kernel);
-    if (c.has('conv1') && c.has('conv2') && repClass(/Rep(Conv|Vgg|VGG)/) !== false) {
-      const alpha = n.tensors.get('alpha');
-      const family: FamilyId = alpha || /RepVggBlock$/.test(n.className ?? '') || (!n.className && ppyoloeHints && !c.has('bn')) ? 'ppyoloe' : 'ultralytics_repconv';
-      const eps = epsFor(family);
-      const a = asConvBN(c.get('conv1'), eps);
-      const b = asConvBN(c.get('conv2'), eps);
-      if (!a || !b) return undefined;
-      if (!n.className && !(parallelShapes(a.conv, b.conv) && b.conv.kernel.every((k) => k === 1))) return undefined;
-      const branches: CkptBranch[] = [{ kind: 'conv_bn', ...a }, { kind: 'conv_bn', ...b, scale: alpha }];
-      const id = asBN(c.get('bn'), eps);
-      if (id && family === 'ultralytics_repconv') branches.push({ kind: 'bn_identity', bn: id });
-      return { family, branches };
-    }
-    if (c.has('conv') && c.has('conv1') && repClass(/RepVGGDW|RepVggDW|RepViT/i) !== false) {
-      // RepViT: conv (Conv2d_BN) + conv1 (raw dw conv with bias) + x, then bn.
-      const rvEps = epsFor('repvit');
-      const rv = asConvBN(c.get('conv'), rvEps);
-      const raw = asConv(c.get('conv1'));
-      const post = asBN(c.get('bn'), rvEps);
-      if (rv && raw && post && (n.className || (parallelShapes(rv.conv, raw) && rv.conv.weight.shape[1] === 1))) {
-        return { family: 'repvit', branches: [{ kind: 'conv_bn', ...rv }, { kind: 'conv', conv: raw }, { kind: 'identity' }], postBN: post };
-      }
-      const eps = epsFor('ultralytics_repvggdw');
-      const a = asConvBN(c.get('conv'), eps);
-      const b = asConvBN(c.get('conv1'), eps);
-      if (a && b && (n.className || (parallelShapes(a.conv, b.conv) && a.conv.weight.shape[1] === 1))) return { family: 'ultralytics_repvggdw', branches: [{ kind: 'conv_bn', ...a }, { kind: 'conv_bn', ...b }] };
-    }
-    return undefined;
-  }
-
-  function build(node: ModuleNode, family: FamilyId, branches: CkptBranch[], postBN: BNRef | undefined): CkptBlock {
+  function build(node: ModuleNode, family: FamilyId, r: MatchResult): CkptBlock {
     const def = FAMILIES[family];
-    const convs = branches.filter((b) => b.conv).map((b) => b.conv!);
+    const { branches, postBN } = r;
+    const geos = branches.map(geometry);
+    const convs = geos.filter((g): g is Geometry => !!g);
     if (!convs.length) throw new Reject('no convolution branch.');
-    const assumptions: string[] = inferred.has(node) ? [inferred.get(node)!] : [];
-    const w0 = convs[0].weight;
-    const cout = w0.shape[0];
-    const cpg = w0.shape[1];
+    const assumptions: string[] = [...(r.assumptions ?? [])];
+    const g0 = convs[0];
+    const cout = g0.cout;
+    const cpg = g0.cpg;
+    const rank = g0.kernel.length;
     for (const cv of convs) {
-      if (!isFloatType(cv.weight.dtype)) throw new Reject(`'${cv.node.path}' weight is ${dtypeName(cv.weight.dtype)}; only float weights can be fused.`);
-      if (cv.weight.shape.length !== w0.shape.length) throw new Reject('branches mix convolutions of different rank.');
-      if (cv.weight.shape[0] !== cout || cv.weight.shape[1] !== cpg) {
-        throw new Reject(`branches have different channels ('${convs[0].node.path}' ${fmt(w0.shape)}, '${cv.node.path}' ${fmt(cv.weight.shape)}).`);
+      const w = branches[geos.indexOf(cv)].conv!.weight;
+      if (!isFloatType(w.dtype)) throw new Reject(`'${cv.node.path}' weight is ${dtypeName(w.dtype)}; only float weights can be fused.`);
+      if (cv.kernel.length !== rank) throw new Reject('branches mix convolutions of different rank.');
+      if (cv.cout !== cout || cv.cpg !== cpg) {
+        throw new Reject(`branches have different channels ('${g0.node.path}' ${cout}×${cpg}, '${cv.node.path}' ${cv.cout}×${cv.cpg}).`);
       }
       if (cv.kernel.some((k) => k % 2 === 0)) throw new Reject(`'${cv.node.path}' has an even kernel ${fmt(cv.kernel)}, which has no centre.`);
       const want = cv.kernel.map((k) => (k - 1) / 2);
-      if (cv.padding) {
-        if (fmt(cv.padding) !== fmt(want)) throw new Reject(`'${cv.node.path}' pads ${fmt(cv.padding)} for a ${fmt(cv.kernel)} kernel; only centred kernels (padding ${fmt(want)}) can be merged.`);
-      }
-      if (cv.weight.dtype !== w0.dtype) throw new Reject(`branches have different dtypes (${dtypeName(w0.dtype)}, ${dtypeName(cv.weight.dtype)}).`);
+      if (cv.padding && fmt(cv.padding) !== fmt(want)) throw new Reject(`'${cv.node.path}' pads ${fmt(cv.padding)} for a ${fmt(cv.kernel)} kernel; only centred kernels (padding ${fmt(want)}) can be merged.`);
+      if (cv.dtype !== g0.dtype) throw new Reject(`branches have different dtypes (${dtypeName(g0.dtype)}, ${dtypeName(cv.dtype)}).`);
     }
     if (convs.some((cv) => !cv.padding)) assumptions.push('padding assumed centred ((k−1)/2), as the family defines it');
-    const strides = convs.map((cv) => cv.stride);
+    const pools = branches.filter((b) => b.kind === 'avgpool').map((b) => b.pool!);
+    const strides = [...convs.map((cv) => cv.stride), ...pools.map((p) => p.stride)];
     let stride: number[];
+    const hasId = branches.some((b) => b.kind === 'identity' || b.kind === 'bn_identity' || b.kind === 'avgpool');
     if (strides.every((s) => s)) {
       stride = strides[0]!;
       if (strides.some((s) => fmt(s!) !== fmt(stride))) throw new Reject(`branches have different strides (${strides.map((s) => fmt(s!)).join(', ')}).`);
     } else {
-      stride = w0.shape.slice(2).map(() => 1);
-      assumptions.push(branches.some((b) => b.kind === 'identity' || b.kind === 'bn_identity') ? 'stride 1 (the block has an identity branch)' : 'stride not stored in a state_dict (fusion does not depend on it; shown as 1)');
+      stride = g0.kernel.map(() => 1);
+      assumptions.push(hasId ? 'stride 1 (the block has an identity branch)' : 'stride not stored in a state_dict (fusion does not depend on it; shown as 1)');
     }
     const groupsList = convs.map((cv) => cv.groups);
     let groups: number;
-    const hasId = branches.some((b) => b.kind === 'identity' || b.kind === 'bn_identity');
     if (groupsList.every((g) => g !== undefined)) {
       groups = groupsList[0]!;
       if (groupsList.some((g) => g !== groups)) throw new Reject(`branches have different groups (${groupsList.join(', ')}).`);
@@ -361,31 +247,40 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
     }
     const cin = cpg * groups;
     if (hasId) {
-      if (stride.some((s) => s !== 1)) throw new Reject(`an identity branch cannot join convolutions with stride ${fmt(stride)}.`);
-      if (cin !== cout) throw new Reject(`an identity branch needs as many input as output channels (in ${cin}, out ${cout}).`);
+      if (stride.some((s) => s !== 1)) throw new Reject(`an identity or avg-pool branch cannot join convolutions with stride ${fmt(stride)}.`);
+      if (cin !== cout) throw new Reject(`an identity or avg-pool branch needs as many input as output channels (in ${cin}, out ${cout}).`);
     }
     for (const b of branches) {
-      for (const bn of [b.bn]) {
-        if (bn && bn.mean.shape[0] !== cout) throw new Reject(`'${bn.node.path}' has ${bn.mean.shape[0]} channels, the block has ${cout}.`);
-      }
-      if (b.scale && numelOf(b.scale.shape) !== 1 && numelOf(b.scale.shape) !== cout) throw new Reject(`'alpha' has shape ${fmt(b.scale.shape)}; expected a scalar or one value per channel.`);
+      if (b.bn && b.bn.mean.shape[0] !== cout) throw new Reject(`'${b.bn.node.path}' has ${b.bn.mean.shape[0]} channels, the block has ${cout}.`);
+      if (b.scale && numelOf(b.scale.shape) !== 1 && numelOf(b.scale.shape) !== cout) throw new Reject(`'${b.scale.key}' has shape ${fmt(b.scale.shape)}; expected a scalar or one value per channel.`);
     }
-    const epsSources = new Set(branches.map((b) => b.bn?.epsSource).filter(Boolean));
-    if (epsSources.has('assumed')) assumptions.push(`BN epsilon ${def.eps.toExponential(0)} assumed (${def.label} training default; override with --eps)`);
-    const kernel = w0.shape.slice(2).map((_, i) => Math.max(...convs.map((cv) => cv.kernel[i])));
-    const foldPost = postBN && !def.keepPostBN;
-    const branchInfos: BranchInfo[] = branches.map((b) => ({
-      kind: b.kind,
-      kernel: b.conv?.kernel,
-      hasBias: !!b.conv?.bias,
-      hasBN: !!b.bn,
-      epsilon: b.bn?.eps,
-      epsilonSource: b.bn?.epsSource,
-      scaled: !!b.scale,
-      params: tensorCount(b.conv?.node) + tensorCount(b.bn?.node) + (b.scale ? numelOf(b.scale.shape) : 0),
-      dtype: b.conv ? dtypeName(b.conv.weight.dtype) : undefined,
-      parts: [b.conv?.node.path, b.bn?.node.path].filter((x): x is string => !!x),
-    }));
+    if (postBN && postBN.mean.shape[0] !== cout) throw new Reject(`'${postBN.node.path}' has ${postBN.mean.shape[0]} channels, the block has ${cout}.`);
+    const allBNs = [...branches.flatMap((b) => [b.bn, b.first?.bn]), postBN];
+    if (allBNs.some((bn) => bn?.epsSource === 'assumed')) assumptions.push(`BN epsilon ${def.eps.toExponential(0)} assumed (${def.label} training default; override with --eps)`);
+    const kernel = g0.kernel.map((_, i) => Math.max(...convs.map((cv) => cv.kernel[i]), ...pools.map((p) => p.kernel[i] ?? 1)));
+    for (const p of pools) {
+      if (p.kernel.length !== rank) throw new Reject(`the avg-pool '${p.node?.path ?? 'avg'}' has a ${p.kernel.length}-D window in a ${rank}-D block.`);
+      if (p.kernel.some((k, i) => (kernel[i] - k) % 2 !== 0)) throw new Reject(`the ${fmt(p.kernel)} avg-pool cannot be centred in the ${fmt(kernel)} kernel.`);
+    }
+    const keepPost = keepsPostBN(family, postBN);
+    const branchInfos: BranchInfo[] = branches.map((b, i) => {
+      const bns = [b.first?.bn, b.bn].filter((x): x is BNRef => !!x);
+      const geo = geos[i];
+      return {
+        kind: b.kind,
+        kernel: geo?.kernel ?? b.pool?.kernel,
+        hasBias: !!b.conv?.bias,
+        hasBN: bns.length > 0,
+        epsilon: b.bn?.eps ?? b.first?.bn?.eps,
+        epsilonSource: b.bn?.epsSource ?? b.first?.bn?.epsSource,
+        scaled: !!b.scale,
+        subtracted: b.negate || undefined,
+        params: branchNodes(b).reduce((a, m) => a + tensorCount(m), 0) + (b.scale ? numelOf(b.scale.shape) : 0),
+        dtype: b.conv ? dtypeName(b.conv.weight.dtype) : undefined,
+        parts: branchNodes(b).map((m) => m.path),
+      };
+    });
+    if (keepPost) assumptions.push(`the post-add BN '${postBN!.node.path}' stays in the deploy model (${def.label} keeps it)`);
     const info: BlockInfo = {
       name: node.path,
       family: def.label,
@@ -397,12 +292,11 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       branches: branchInfos,
       postBN: postBN ? { epsilon: postBN.eps, epsilonSource: postBN.epsSource } : undefined,
       output: node.path,
-      paramsBefore: branchInfos.reduce((a, b) => a + b.params, 0) + (foldPost ? tensorCount(postBN!.node) : 0),
+      paramsBefore: branchInfos.reduce((a, b) => a + b.params, 0) + (postBN && !keepPost ? tensorCount(postBN.node) : 0),
       paramsAfter: cout * cpg * numelOf(kernel) + cout,
       assumptions: assumptions.length ? assumptions : undefined,
-      deployName: def.deployName,
+      deployName: def.deploy.module,
     };
-    if (def.keepPostBN && postBN) assumptions.push(`the post-add BN '${postBN.node.path}' stays in the deploy model (${def.label} keeps it)`);
-    return { info, node, family, branches, postBN, kernel, stride, groups, inPerGroup: cpg, outChannels: cout, dtype: w0.dtype };
+    return { info, node, family, branches, postBN, kernel, stride, groups, inPerGroup: cpg, outChannels: cout, dtype: g0.dtype };
   }
 }

@@ -320,7 +320,7 @@ export function fusedStateDict(w: WeightSet, dtype?: DType): Map<string, TorchTe
   const byFirstKey = new Map<string, CkptBlock>();
   const removed = new Set<string>();
   for (const b of w.detection.blocks) {
-    const def = FAMILIES[b.family];
+    const def = FAMILIES[b.family].deploy;
     const keys = def.remove.flatMap((name) => {
       const c = b.node.children.get(name);
       return c ? keysUnder(c) : [];
@@ -341,7 +341,7 @@ export function fusedStateDict(w: WeightSet, dtype?: DType): Map<string, TorchTe
     if (b) {
       const wd = b.branches.find((x) => x.conv)!.conv!.weight.dtype;
       const { weight, bias } = fusedTensors(b, dtype ?? wd);
-      const base = `${b.node.path}.${FAMILIES[b.family].deployName}`;
+      const base = `${b.node.path}.${FAMILIES[b.family].deploy.module}`;
       out.set(`${base}.weight`, weight);
       out.set(`${base}.bias`, bias);
     }
@@ -358,7 +358,7 @@ function shallowClone(d: PyDict): PyDict {
 
 /** Switches one block's module object to its family's deploy form, in place. */
 function deployModule(block: CkptBlock, obj: PyObject, dtype?: DType): void {
-  const def = FAMILIES[block.family];
+  const def = FAMILIES[block.family].deploy;
   const st = obj.state as PyDict;
   const mods = st.get('_modules') as PyDict;
   const params = st.get('_parameters') as PyDict;
@@ -387,7 +387,7 @@ function deployModule(block: CkptBlock, obj: PyObject, dtype?: DType): void {
     mods.delete(name);
     st.delete(name);
   }
-  mods.set(def.deployName, conv);
+  mods.set(def.module, conv);
   for (const [k, v] of Object.entries(def.setAttrs ?? {})) st.set(k, v as PyValue);
   for (const name of def.setNone ?? []) {
     if (params.has(name) || params.keys().includes(name)) params.set(name, null);

@@ -1,5 +1,6 @@
 // Block detection on an ONNX graph: Add trees whose leaves are parallel branches of one input,
 // optionally followed by a BatchNormalization; plus standalone Conv → BatchNormalization pairs.
+import { guessOnnxFamily } from '../families';
 import { dtypeName, isFloatType } from '../dtype';
 import type { BlockInfo, BranchInfo, FoldInfo, RejectedCandidate } from '../model';
 import { type ConstRef, GraphIndex, commonScopeName } from './graph';
@@ -559,25 +560,16 @@ function branchInfo(leaf: Leaf, nodes: OnnxNode[], cout: number): BranchInfo {
   };
 }
 
-/** A best guess from the module names the exporter kept, then from the structure. */
-export function guessFamily(nodes: OnnxNode[], leaves: Leaf[], postBN: boolean, groups: number, cin: number, cout: number): string {
-  const names = nodes.map((n) => n.name).join(' ');
+/** A best guess from the module names the exporter kept, then from the structure: the family registry decides (src/core/families). */
+export function guessFamily(nodes: OnnxNode[], leaves: Leaf[], postBN: boolean, groups: number, cin: number, cout: number, modelNames?: string): string {
   const convs = leaves.filter(isConvLeaf);
-  const scaled = convs.some((l) => l.mul);
-  const asym = convs.some((l) => new Set(l.kernel).size > 1);
-  const depthwise = groups > 1 && groups === cin && cin === cout;
-  if (/\brbr_conv\b|\brbr_scale\b|\brbr_skip\b/.test(names)) return 'MobileOne';
-  if (/\brbr_dense\b/.test(names)) {
-    if (/rbr_dense\.0\b|rbr_dense\/0\b/.test(names)) return 'YOLOv7 RepConv';
-    if (postBN) return 'QARepVGG';
-    return 'RepVGG';
-  }
-  if (/\/square\b|\/hor\b|\/ver\b/.test(names) || (asym && /square|hor|ver/.test(names))) return 'ACNet';
-  if (/\/conv1\b/.test(names) && /\/conv2\b/.test(names)) return scaled ? 'PP-YOLOE RepVgg' : 'Ultralytics RepConv';
-  if (/\/conv\b/.test(names) && /\/conv1\b/.test(names) && depthwise) return postBN ? 'RepViT RepVGGDW' : 'Ultralytics RepVGGDW';
-  if (scaled) return 'PP-YOLOE-style';
-  if (asym) return 'ACNet-style';
-  if (postBN) return 'QARepVGG-style';
-  if (depthwise) return 'depthwise rep block';
-  return 'RepVGG-style';
+  return guessOnnxFamily({
+    names: nodes.map((n) => n.name).join(' '),
+    modelNames,
+    kinds: leaves.map((l) => l.kind),
+    postBN,
+    scaled: convs.some((l) => l.mul),
+    asym: convs.some((l) => new Set(l.kernel).size > 1),
+    depthwise: groups > 1 && groups === cin && cin === cout,
+  });
 }

@@ -1,19 +1,12 @@
 // Small formatting helpers shared by the extension's view models (tree, editor, report): pure.
 import type { BlockInfo, BranchInfo } from '../../core/model';
+import { BRANCH_KINDS, branchLabel as coreBranchLabel } from '../../core/branches';
 import { fmtNum } from '../../core/report';
 
 export { fmtBytes, fmtCount, fmtNum } from '../../core/report';
 
-const KIND_LABEL: Record<BranchInfo['kind'], string> = { conv: 'conv', conv_bn: 'conv+bn', bn_identity: 'bn(x)', identity: 'x' };
-const KIND_LONG: Record<BranchInfo['kind'], string> = {
-  conv: 'convolution',
-  conv_bn: 'convolution + BatchNorm',
-  bn_identity: 'identity BatchNorm',
-  identity: 'identity',
-};
-
-export const kindLabel = (k: BranchInfo['kind']): string => KIND_LABEL[k];
-export const kindLong = (k: BranchInfo['kind']): string => KIND_LONG[k];
+export const kindLabel = (k: BranchInfo['kind']): string => BRANCH_KINDS[k].label;
+export const kindLong = (k: BranchInfo['kind']): string => BRANCH_KINDS[k].long;
 
 /** `3×3` */
 export const dims = (d: readonly number[] | undefined): string => (d && d.length ? d.join('×') : '—');
@@ -21,9 +14,9 @@ export const dims = (d: readonly number[] | undefined): string => (d && d.length
 /** `32→64` */
 export const channels = (b: Pick<BlockInfo, 'inChannels' | 'outChannels'>): string => `${b.inChannels}→${b.outChannels}`;
 
-/** One branch in the CLI's notation: `3×3 conv+bn`, `bn(x)`, `1×1 conv·α`. */
+/** One branch in the CLI's notation: `3×3 conv+bn`, `bn(x)`, `1×1 conv·α` (from the branch-kind table). */
 export function branchLabel(br: BranchInfo): string {
-  return `${br.kernel ? `${br.kernel.join('×')} ` : ''}${KIND_LABEL[br.kind]}${br.scaled ? '·α' : ''}`;
+  return coreBranchLabel(br);
 }
 
 /** Stride as one number when it is the same in every dimension (`2`), else `2×1`. */

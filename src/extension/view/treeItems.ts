@@ -1,5 +1,7 @@
 // Labels, descriptions, tooltips, icons and context values of the RepConv Blocks tree, as plain
 // data (the tree provider turns them into vscode.TreeItems). Pure, so it is unit-tested.
+import { BRANCH_KINDS } from '../../core/branches';
+import { familyIcon as registryIcon } from '../../core/families';
 import type { BlockInfo, BranchInfo, InspectReport, RejectedCandidate } from '../../core/model';
 import { baseName, branchLabel, channels, dims, epsilons, fmtBytes, fmtCount, fmtNum, hasAssumedEpsilon, kindLong, strideText } from './format';
 
@@ -31,29 +33,12 @@ export const CONTEXT = {
   rejected: 'repfuse.rejected',
 } as const;
 
-/** One icon (and colour) per architecture family, so families stand apart in a long list. */
-const FAMILY_ICONS: [RegExp, IconView][] = [
-  [/^YOLOv7/, { id: 'layers', color: 'charts.blue' }],
-  [/^QARepVGG/, { id: 'symbol-structure', color: 'charts.purple' }],
-  [/^RepVGG/, { id: 'symbol-structure', color: 'charts.green' }],
-  [/^MobileOne/, { id: 'symbol-event', color: 'charts.orange' }],
-  [/^ACNet/, { id: 'symbol-ruler', color: 'charts.yellow' }],
-  [/^Ultralytics RepVGGDW|^RepViT|depthwise/, { id: 'symbol-array', color: 'charts.purple' }],
-  [/^Ultralytics/, { id: 'layers', color: 'charts.green' }],
-  [/^PP-YOLOE/, { id: 'symbol-operator', color: 'charts.red' }],
-];
-
+/** One icon (and colour) per architecture family, so families stand apart in a long list: from the family registry. */
 export function familyIcon(family: string): IconView {
-  for (const [re, icon] of FAMILY_ICONS) if (re.test(family)) return icon;
-  return { id: 'layers' };
+  return registryIcon(family);
 }
 
-const BRANCH_ICONS: Record<BranchInfo['kind'], IconView> = {
-  conv: { id: 'symbol-array' },
-  conv_bn: { id: 'symbol-operator' },
-  bn_identity: { id: 'symbol-constant' },
-  identity: { id: 'arrow-right' },
-};
+const BRANCH_ICONS = Object.fromEntries(Object.entries(BRANCH_KINDS).map(([k, d]) => [k, { id: d.icon }])) as Record<BranchInfo['kind'], IconView>;
 
 /** The state of the model behind the tree's root. */
 export type ModelState = { status: 'loading'; path: string } | { status: 'error'; path: string; message: string } | { status: 'ready'; path: string; report: InspectReport };
