@@ -8,15 +8,17 @@ import { DType, decodeNumbers, dtypeName, dtypeSize, encodeFloats, isFloatType, 
 import { FormatError, RepFuseError } from '../errors';
 import { prepareFusion, type PreparedFusion } from '../fusion';
 import { checkFinite, streamFusedWeight } from '../fusestream';
-import type { BlockData, InspectReport, ModelSummary } from '../model';
+import type { BlockData, FoldInfo, InspectReport, ModelSummary, RejectedCandidate } from '../model';
 import { looksLikeSafetensors, readSafetensors, type SafetensorsFile, writeSafetensors } from '../safetensors';
 import { openTorch, type TorchFile } from '../torch/load';
 import { isContiguous, NewStorage, NewTensor, readTensor, TorchTensor } from '../torch/tensor';
 import { PyDict, PyObject, PyTuple, type PyValue, pyNumber } from '../torch/values';
 import { writeTorchZip } from '../torch/save';
-import { type CkptBlock, type CkptDetection, detectCheckpoint, FAMILIES } from './detect';
+import { type CkptBlock, type CkptDetection, detectCheckpoint } from './detect';
+import { dropAux, type DropAuxResult, findAuxHeads } from './dropaux';
+import { deployBlockObject, deployStateDict, foldObject, type FoldPlan, type PlannedFold, planFolds } from './deploy';
 import { ckptBlockSpec } from './fuse';
-import { type CkptTensor, child, keysUnder, MAX_MODULE_DEPTH, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
+import { type CkptTensor, child, MAX_MODULE_DEPTH, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
 
 export { FAMILIES } from './detect';
 
@@ -25,6 +27,10 @@ export interface CheckpointOptions {
   eps?: number;
   /** Tensors come in module order (false for safetensors, which sorts names). */
   moduleOrder?: boolean;
+  /** `--family`: the variant to assume where a state_dict cannot tell (qarepvgg / qarepvggv2). */
+  family?: string;
+  /** YOLO training checkpoints: convert to the deploy architecture first (see dropaux.ts). */
+  dropAux?: boolean;
 }
 
 /** One set of weights found in the file: a state_dict or an nn.Module object. */
@@ -53,6 +59,8 @@ export interface CheckpointAnalysis {
   /** Every module object in the checkpoint (model and ema): all are rewritten with --keep-modules. */
   modules: WeightSet[];
   report: InspectReport;
+  /** What --drop-aux did to each model object (absent without the option). */
+  dropAux?: DropAuxResult[];
   close(): void;
 }
 
@@ -232,12 +240,14 @@ export function analyzeCheckpoint(file: string, opts: CheckpointOptions = {}): C
   let st: SafetensorsFile | undefined;
   try {
     let located: { primary: WeightSet; modules: WeightSet[] };
+    let dropped: DropAuxResult[] | undefined;
     // By content, or by name: a .safetensors file with a broken header gets the safetensors reader's error.
     if (looksLikeSafetensors(src) || path.extname(file).toLowerCase() === '.safetensors') {
       st = readSafetensors(src);
       located = { primary: fromStateDict('', st.tensors, { ...opts, moduleOrder: false }), modules: [] };
     } else {
       torch = openTorch(src);
+      if (opts.dropAux) dropped = dropAux(torch.root);
       located = locate(torch.root, file, opts);
     }
     const base = { path: file, format: st ? ('safetensors' as const) : ('pytorch' as const), torch, safetensors: st, ...located };
@@ -252,7 +262,14 @@ export function analyzeCheckpoint(file: string, opts: CheckpointOptions = {}): C
       notFolded: [],
       paramCountAfter: summary.paramCount - paramsRemoved,
     };
-    return { ...base, report, close: () => src.close() };
+    const aux = torch && !opts.dropAux ? findAuxHeads(torch.root) : [];
+    if (aux.length) {
+      summary.auxHeads = aux;
+      summary.notes.push(`auxiliary training head${aux.length === 1 ? '' : 's'} ${aux.join(', ')}: \`repfuse fuse --drop-aux\` converts this training checkpoint to the deploy architecture`);
+    }
+    if (opts.dropAux && !dropped) throw new RepFuseError('--drop-aux needs a full-module YOLO checkpoint; a safetensors file holds only tensors.', file);
+    for (const d of dropped ?? []) summary.notes.push(`--drop-aux: ${d.note}`);
+    return { ...base, report, dropAux: dropped, close: () => src.close() };
   } catch (err) {
     src.close();
     throw err;
@@ -273,6 +290,13 @@ export interface CheckpointWriteOptions {
   dtype?: DType;
   /** Rewrite the checkpoint with its module objects in deploy form instead of writing a state_dict. */
   keepModules?: boolean;
+  /**
+   * Fold every plain Conv+BN (and RepViT's BN+Linear, distillation head) as the family's official
+   * whole-model fuse does; undefined = the default (full-module YOLO checkpoints and RepViT).
+   */
+  foldBN?: boolean;
+  /** BN epsilon override (as CheckpointOptions.eps), for the folds of a state_dict. */
+  eps?: number;
   signal?: AbortSignal;
 }
 
@@ -281,10 +305,16 @@ export interface CheckpointWriteResult {
   bytes: number;
   /** What was written, in words. */
   layout: string;
+  /** Plain Conv+BN (BN+Linear, heads) folded by --fold-bn, in the model RepFuse inspects. */
+  folds: FoldInfo[];
+  /** Modules the fold recognised but could not fold, with the reason. */
+  notFolded: RejectedCandidate[];
+  /** One line per fold plan (what was folded, as which official function does it). */
+  foldNotes: string[];
 }
 
 /** The fused weight and bias of a block as lazily produced tensors in `dtype`. */
-export function fusedTensors(block: CkptBlock, dtype: DType, asParameter = false): { weight: NewTensor; bias: NewTensor } {
+export function fusedTensors(block: CkptBlock, dtype: DType, asParameter = false, requiresGrad = asParameter): { weight: NewTensor; bias: NewTensor } {
   let prep: PreparedFusion | undefined;
   const prepared = () => (prep ??= prepareFusion(ckptBlockSpec(block)));
   const shape = [block.outChannels, block.inPerGroup, ...block.kernel];
@@ -299,14 +329,14 @@ export function fusedTensors(block: CkptBlock, dtype: DType, asParameter = false
   });
   // Writers that can stream take the weight slice by slice, never whole.
   storage.stream = (emit) => streamFusedWeight(prepared(), dtype, emit);
-  const weight = new NewTensor(dtype, shape, storage, asParameter, asParameter);
+  const weight = new NewTensor(dtype, shape, storage, requiresGrad, asParameter);
   const bias = new NewTensor(dtype, [block.outChannels], () => {
     const p = prepared();
     checkFinite(p.bias, `${p.spec.name}: the fused bias`);
     const b = encodeFloats(p.bias, dtype);
     prep = undefined;
     return b;
-  }, asParameter, asParameter);
+  }, requiresGrad, asParameter);
   return { weight, bias };
 }
 
@@ -315,84 +345,17 @@ function convertDtype(t: TorchTensor, dtype: DType | undefined): TorchTensor | N
   return new NewTensor(dtype, t.shape, () => encodeFloats(Float64Array.from(readTensor(t) as ArrayLike<number>), dtype));
 }
 
-/** The fused state_dict: each block's keys replaced by the family's deploy keys, in place. */
-export function fusedStateDict(w: WeightSet, dtype?: DType): Map<string, TorchTensor | NewTensor> {
-  const byFirstKey = new Map<string, CkptBlock>();
-  const removed = new Set<string>();
-  for (const b of w.detection.blocks) {
-    const def = FAMILIES[b.family].deploy;
-    const keys = def.remove.flatMap((name) => {
-      const c = b.node.children.get(name);
-      return c ? keysUnder(c) : [];
-    });
-    // Own tensors the deploy form drops (PP-YOLOE's alpha).
-    for (const name of def.setNone ?? []) {
-      const t = b.node.tensors.get(name);
-      if (t) keys.push(t.key);
-    }
-    if (!keys.length) continue;
-    for (const k of keys) removed.add(k);
-    const first = [...w.tensors.keys()].find((k) => keys.includes(k))!;
-    byFirstKey.set(first, b);
-  }
-  const out = new Map<string, TorchTensor | NewTensor>();
-  for (const [k, t] of w.tensors) {
-    const b = byFirstKey.get(k);
-    if (b) {
-      const wd = b.branches.find((x) => x.conv)!.conv!.weight.dtype;
-      const { weight, bias } = fusedTensors(b, dtype ?? wd);
-      const base = `${b.node.path}.${FAMILIES[b.family].deploy.module}`;
-      out.set(`${base}.weight`, weight);
-      out.set(`${base}.bias`, bias);
-    }
-    if (!removed.has(k)) out.set(k, convertDtype(t, dtype));
-  }
-  return out;
+/**
+ * The fused state_dict: each block's keys replaced by its family's deploy keys, and each planned
+ * fold's (see deploy.ts) by the folded layer's, in place.
+ */
+export function fusedStateDict(w: WeightSet, dtype?: DType, folds: PlannedFold[] = []): Map<string, TorchTensor | NewTensor> {
+  return deployStateDict(w.tensors, w.detection.blocks, folds, (b, dt) => fusedTensors(b, dt), (t) => convertDtype(t, dtype), dtype);
 }
 
-function shallowClone(d: PyDict): PyDict {
-  const c = new PyDict(d.ordered);
-  for (const [k, v] of d) c.set(k, v instanceof PyDict && v.size === 0 ? new PyDict(v.ordered) : v);
-  return c;
-}
-
-/** Switches one block's module object to its family's deploy form, in place. */
-function deployModule(block: CkptBlock, obj: PyObject, dtype?: DType): void {
-  const def = FAMILIES[block.family].deploy;
-  const st = obj.state as PyDict;
-  const mods = st.get('_modules') as PyDict;
-  const params = st.get('_parameters') as PyDict;
-  const templateNode = block.branches.find((b) => b.conv)!.conv!.node;
-  const template = findModule(obj, block.node, templateNode);
-  if (!template) throw new RepFuseError(`cannot find the conv module '${templateNode.path}' to model the fused conv on.`);
-  const tst = template.state as PyDict;
-  const wd = dtype ?? block.branches.find((b) => b.conv)!.conv!.weight.dtype;
-  const { weight, bias } = fusedTensors(block, wd, true);
-  const convState = shallowClone(tst);
-  const p = new PyDict(true);
-  p.set('weight', weight);
-  p.set('bias', bias);
-  convState.set('_parameters', p);
-  convState.set('_buffers', new PyDict(true));
-  convState.set('_modules', new PyDict(true));
-  const tuple = (xs: number[]) => new PyTuple(xs);
-  convState.set('kernel_size', tuple(block.kernel));
-  convState.set('padding', tuple(block.kernel.map((k) => (k - 1) / 2)));
-  convState.set('in_channels', block.info.inChannels);
-  convState.set('out_channels', block.outChannels);
-  convState.set('groups', block.groups);
-  const conv = new PyObject(template.module, template.name, template.how, template.args, template.kwargs);
-  conv.state = convState;
-  for (const name of def.remove) {
-    mods.delete(name);
-    st.delete(name);
-  }
-  mods.set(def.module, conv);
-  for (const [k, v] of Object.entries(def.setAttrs ?? {})) st.set(k, v as PyValue);
-  for (const name of def.setNone ?? []) {
-    if (params.has(name) || params.keys().includes(name)) params.set(name, null);
-    else st.set(name, null);
-  }
+/** The whole-model folds of a weight set for `--fold-bn` (undefined = the family's default). */
+export function checkpointFolds(w: WeightSet, foldBN: boolean | undefined, eps?: number): FoldPlan {
+  return planFolds(w.tree, w.detection.blocks, w.kind, foldBN, eps);
 }
 
 /** Converts every float parameter and buffer of a module tree to `dtype`, in place. */
@@ -418,55 +381,42 @@ function convertModuleTensors(root: PyObject, dtype: DType): void {
   visit(root);
 }
 
-/** The PyObject of `target` (a node under `blockNode`), found by walking `_modules` from the block object. */
-function findModule(blockObj: PyObject, blockNode: ModuleNode, target: ModuleNode): PyObject | undefined {
-  const rel = target.path.slice(blockNode.path.length).split('.').filter(Boolean);
-  let o: PyValue | undefined = blockObj;
-  for (const name of rel) {
-    if (!isModule(o)) return undefined;
-    o = ((o.state as PyDict).get('_modules') as PyDict).get(name);
-  }
-  return isModule(o) ? o : undefined;
-}
-
-function moduleAt(root: PyObject, p: string): PyObject | undefined {
-  let o: PyValue | undefined = root;
-  for (const name of p.split('.').filter(Boolean)) {
-    if (!isModule(o)) return undefined;
-    o = ((o.state as PyDict).get('_modules') as PyDict).get(name);
-  }
-  return isModule(o) ? o : undefined;
-}
-
 export async function writeCheckpoint(a: CheckpointAnalysis, out: string, opts: CheckpointWriteOptions = {}): Promise<CheckpointWriteResult> {
   const ext = path.extname(out).toLowerCase();
   if (path.resolve(out) === path.resolve(a.path)) throw new RepFuseError('refusing to overwrite the input checkpoint.', out);
+  const folded = (plans: FoldPlan[]) => ({
+    folds: plans.flatMap((p) => p.folds.flatMap((f) => (f.info ? [f.info] : []))),
+    notFolded: plans.flatMap((p) => p.notFolded),
+    foldNotes: plans.map((p) => p.note).filter((n): n is string => !!n),
+  });
   if (ext === '.safetensors') {
     if (opts.keepModules) throw new RepFuseError('--keep-modules writes a .pt checkpoint, not .safetensors.', out);
-    const sd = fusedStateDict(a.primary, opts.dtype);
+    const plan = checkpointFolds(a.primary, opts.foldBN, opts.eps);
+    const sd = fusedStateDict(a.primary, opts.dtype, plan.folds);
     const res = await writeSafetensors(out, sd, { metadata: { format: 'pt', producer: 'repfuse' }, signal: opts.signal });
-    return { path: res.path, bytes: res.bytes, layout: `safetensors, ${sd.size} tensors` };
+    return { path: res.path, bytes: res.bytes, layout: `safetensors, ${sd.size} tensors`, ...folded([plan]) };
   }
   if (!['.pt', '.pth', '.ckpt', '.bin'].includes(ext)) throw new RepFuseError(`cannot write '${ext || '(no extension)'}'; use .pt, .pth or .safetensors.`, out);
   if (opts.keepModules) {
     if (!a.modules.length || !a.torch) throw new RepFuseError('--keep-modules needs a checkpoint that holds module objects (a full-module pickle); this one holds a state_dict.', a.path);
+    const plans: FoldPlan[] = [];
     for (const w of a.modules) {
+      const plan = checkpointFolds(w, opts.foldBN, opts.eps);
+      plans.push(plan);
       // A dtype applies to the whole module, not just the fused convs: no mixed precision.
       if (opts.dtype !== undefined) convertModuleTensors(w.module!, opts.dtype);
-      for (const b of w.detection.blocks) {
-        const obj = moduleAt(w.module!, b.node.path);
-        if (!obj) throw new RepFuseError(`cannot find module '${b.node.path}' in '${w.entry}'.`, a.path);
-        deployModule(b, obj, opts.dtype);
-      }
+      for (const b of w.detection.blocks) deployBlockObject(b, w.module!, (blk, dt, rg) => fusedTensors(blk, dt, true, rg), opts.dtype);
+      for (const f of plan.folds) foldObject(f, w.module!, opts.dtype);
     }
     const res = await writeTorchZip(out, a.torch.root, { archiveName: a.torch.archiveRoot, signal: opts.signal });
-    return { path: res.path, bytes: res.bytes, layout: `checkpoint with ${a.modules.map((m) => `'${m.entry || 'root'}'`).join(', ')} in deploy form` };
+    return { path: res.path, bytes: res.bytes, layout: `checkpoint with ${a.modules.map((m) => `'${m.entry || 'root'}'`).join(', ')} in deploy form`, ...folded(plans.slice(0, 1)) };
   }
-  const sd = fusedStateDict(a.primary, opts.dtype);
+  const plan = checkpointFolds(a.primary, opts.foldBN, opts.eps);
+  const sd = fusedStateDict(a.primary, opts.dtype, plan.folds);
   const root = new PyDict(true);
   for (const [k, v] of sd) root.set(k, v);
   const res = await writeTorchZip(out, root, { archiveName: path.basename(out, ext).replace(/[^A-Za-z0-9_.-]/g, '_') || 'archive', signal: opts.signal });
-  return { path: res.path, bytes: res.bytes, layout: `state_dict, ${sd.size} tensors` };
+  return { path: res.path, bytes: res.bytes, layout: `state_dict, ${sd.size} tensors`, ...folded([plan]) };
 }
 
 /** Values of a fused block as written (rounded to the file's dtype), for validation. */
