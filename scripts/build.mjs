@@ -39,4 +39,6 @@ await Promise.all([
 ]);
 // The codicon font, for <vscode-icon> and codicon classes inside the webviews.
 for (const f of ['codicon.css', 'codicon.ttf']) copyFileSync(`node_modules/@vscode/codicons/dist/${f}`, `dist/webview/${f}`);
+// The end-to-end check that runs in the user's own Python (repfuse fuse --python): shipped as is.
+copyFileSync('src/validate/pyval.py', 'dist/pyval.py');
 chmodSync('dist/cli.js', 0o755);

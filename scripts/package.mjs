@@ -11,7 +11,7 @@
 //   package.json   the manifest without scripts (no vscode:prepublish or prepare runs inside vsce),
 //                  devDependencies and `files`; dependencies = { onnxruntime-node } only, because
 //                  everything else is bundled into dist/ by esbuild
-//   dist/          cli.js, validate-worker.js, extension.js, model-worker.js, webview/ (no maps:
+//   dist/          cli.js, validate-worker.js, extension.js, model-worker.js, pyval.py, webview/ (no maps:
 //                  they embed the sources)
 //   media/         icons and CSS (not media/screenshots/)
 //   README.md, CHANGELOG.md, LICENSE, .vscodeignore (the allow-list; a second fence)
@@ -48,7 +48,7 @@ export const TARGETS = {
   'darwin-arm64': { dir: 'darwin/arm64', required: ['onnxruntime_binding.node', 'libonnxruntime.1.dylib'], dropIdentical: { 'libonnxruntime.1.dylib': /^libonnxruntime\.\d+\.\d+\.\d+\.dylib$/ } },
 };
 
-const DIST_FILES = ['cli.js', 'validate-worker.js', 'extension.js', 'model-worker.js'];
+const DIST_FILES = ['cli.js', 'validate-worker.js', 'extension.js', 'model-worker.js', 'pyval.py'];
 
 function log(msg) {
   process.stderr.write(`[package] ${msg}\n`);

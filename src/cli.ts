@@ -22,6 +22,7 @@ Usage:
                [--input name=1x3x640x640]... [--input-npy name=file.npy]...
                [--atol 1e-4] [--rtol 1e-3] [--seed 0] [--timeout 300]
                [--eps 1e-3] [--dtype keep|float32|float16|bfloat16] [--keep-modules | --state-dict]
+               [--python PATH [--python-path DIR]...]
 
 <model> is an .onnx model, a PyTorch checkpoint (.pt/.pth/.ckpt: zip or legacy format, state_dict
 or full-module pickle, read without Python and without running anything in it) or .safetensors.
@@ -35,6 +36,14 @@ reparam_conv, conv, fused_conv) for deploy_model.load_state_dict(torch.load(x.pt
 -o x.safetensors the same tensors. A full-module checkpoint (YOLO's {'model': Model, …}) is by
 default rewritten as a checkpoint with its blocks in deploy form (--state-dict to get a state_dict).
 --eps overrides BN epsilon (bare state_dicts use the family's training default, and say so).
+
+--python PATH (full-module checkpoints, opt-in): also load the original and the fused checkpoint
+with that interpreter's PyTorch (torch.load(weights_only=False): this RUNS the checkpoint's pickled
+code and imports your model classes; only for files you trust), run both whole models in eval mode
+(float32) on the same seeded input (--input x=1x3x640x640, else 1×C×64×64 with C the first conv's
+in-channels) and compare every output tensor. --python-path DIR (repeatable) goes first on
+sys.path; default: the checkpoint's folder and its parents up to the nearest one that holds .git,
+setup.py, setup.cfg or pyproject.toml. Without --python a checkpoint is checked block by block only.
 
 Exit codes: 0 ok · 1 fused, but validation over tolerance · 2 bad input or usage · 3 fused, but
 validation could not run · 130 interrupted (Ctrl-C): nothing written.`;
@@ -79,6 +88,8 @@ async function main(argv: string[]): Promise<number> {
       dtype: { type: 'string' },
       'keep-modules': { type: 'boolean', default: false },
       'state-dict': { type: 'boolean', default: false },
+      python: { type: 'string' },
+      'python-path': { type: 'string', multiple: true },
       'threshold-db': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
       version: { type: 'boolean', short: 'v', default: false },
@@ -143,6 +154,7 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (values['keep-modules'] && values['state-dict']) throw new RepFuseError('--keep-modules and --state-dict exclude each other.');
+  if (values['python-path'] && values.python === undefined) throw new RepFuseError('--python-path needs --python (the interpreter that runs the end-to-end validation).');
   const dtypes: Record<string, DType | undefined> = { keep: undefined, float32: DType.float32, float16: DType.float16, bfloat16: DType.bfloat16, float64: DType.float64 };
   if (values.dtype !== undefined && !(values.dtype in dtypes)) throw new RepFuseError(`--dtype must be one of ${Object.keys(dtypes).join(', ')}, got '${values.dtype}'.`);
   const report = await fuse(file, {
@@ -151,6 +163,7 @@ async function main(argv: string[]): Promise<number> {
     eps,
     dtype: values.dtype ? dtypes[values.dtype] : undefined,
     keepModules: values['keep-modules'] ? true : values['state-dict'] ? false : undefined,
+    python: values.python !== undefined ? { interpreter: values.python, path: values['python-path'] ?? [] } : undefined,
     rtolExplicit: values.rtol !== undefined,
     output: values.output,
     force: values.force,

@@ -15,6 +15,7 @@ import { ckptBlockSpec } from './core/checkpoint/fuse';
 import { fuseBlock } from './core/fusion';
 import { buildBlockModels } from './core/onnx/blockmodel';
 import * as os from 'node:os';
+import { planEndToEnd, type PythonOptions, runEndToEnd } from './validate/python';
 
 export interface FuseOptions extends EngineOptions {
   output?: string;
@@ -29,6 +30,11 @@ export interface FuseOptions extends EngineOptions {
   keepModules?: boolean;
   /** rtol was given by the user (otherwise fp16 checkpoints get a float16-sized default). */
   rtolExplicit?: boolean;
+  /**
+   * Full-module checkpoints: also run the original and the fused checkpoint whole in the user's own
+   * PyTorch (opt-in: this runs the checkpoint's pickled code).
+   */
+  python?: PythonOptions;
   force: boolean;
   validate: boolean;
   atol: number;
@@ -227,6 +233,8 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
     // Full-module checkpoints are rewritten as checkpoints by default: the user's loader (e.g.
     // YOLO's attempt_load) expects ckpt['model'] to be a module, and a state_dict would break it.
     const keepModules = opts.keepModules ?? (a.modules.length > 0 && outExt !== '.safetensors');
+    // The opt-in whole-model run in the user's PyTorch: its options are checked before anything is written.
+    const endToEnd = opts.validate && opts.python ? planEndToEnd(input, opts.python, opts.inputShapes, a.modules.map((m) => m.entry), keepModules) : undefined;
     const report: FuseReport = {
       input,
       format: a.format,
@@ -285,6 +293,12 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
     report.validation = await cancellable(opts.signal, [report.output], () =>
       validateInChild({ type: 'validate-pairs', pairs, seed: opts.seed, atol: opts.atol, rtol }, { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress }),
     );
+    if (endToEnd) {
+      const blocks = report.validation;
+      report.validation = await cancellable(opts.signal, [report.output], () =>
+        runEndToEnd(endToEnd, blocks, { original: input, fused: report.output!, seed: opts.seed, atol: opts.atol, rtol, timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress }),
+      );
+    }
     timings.validate = performance.now() - t2;
     timings.total = performance.now() - t0;
     return report;

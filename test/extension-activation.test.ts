@@ -99,5 +99,7 @@ test('the package.json contributions match what the code registers', async () =>
   for (const s of ['validation.enabled', 'validation.atol', 'validation.rtol', 'validation.inputShapes', 'validation.timeoutSeconds', 'fusedSuffix', 'foldStandaloneBatchNorm', 'checkpoint.defaultEpsilon', 'checkpoint.outputDtype']) {
     assert.ok(settings.includes(`repfuse.${s}`), `setting repfuse.${s}`);
   }
-  assert.equal(pkg.capabilities.untrustedWorkspaces.supported, true);
+  // Untrusted workspaces: everything but the end-to-end run in PyTorch, whose settings they cannot set.
+  assert.equal(pkg.capabilities.untrustedWorkspaces.supported, 'limited');
+  assert.deepEqual(pkg.capabilities.untrustedWorkspaces.restrictedConfigurations, ['repfuse.python.interpreter', 'repfuse.python.path']);
 });

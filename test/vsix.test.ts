@@ -157,7 +157,7 @@ describe('VSIX packages', { skip: none && !REQUIRED ? `no VSIX files in ${path.r
         const pkg = JSON.parse(readText(v, 'extension/package.json')) as { main: string; scripts?: unknown; devDependencies?: unknown; dependencies?: Record<string, string> };
         const main = path.posix.normalize(`extension/${pkg.main}`);
         assert.equal(main, 'extension/dist/extension.js');
-        for (const f of [main, 'extension/dist/cli.js', 'extension/dist/validate-worker.js', 'extension/dist/model-worker.js', 'extension/dist/webview/modelEditor.js', 'extension/dist/webview/branchStats.js', 'extension/dist/webview/report.js', 'extension/dist/webview/codicon.css']) {
+        for (const f of [main, 'extension/dist/cli.js', 'extension/dist/validate-worker.js', 'extension/dist/model-worker.js', 'extension/dist/pyval.py', 'extension/dist/webview/modelEditor.js', 'extension/dist/webview/branchStats.js', 'extension/dist/webview/report.js', 'extension/dist/webview/codicon.css']) {
           assert.ok(entry(v, f).size > 0, `${f} is not empty`);
         }
         assert.equal(pkg.scripts, undefined, 'no scripts in the packaged manifest');

@@ -33,6 +33,21 @@ export interface ValidationReport {
   outputs: TensorDiff[];
   blocks: BlockDiff[];
   durationMs: number;
+  /** Checkpoints: the whole model was also run, original against fused, in the user's PyTorch (`outputs` holds its tensors). */
+  endToEnd?: EndToEndInfo;
+  /** Checkpoints: why the requested whole-model run did not happen (e.g. the output is a state_dict). */
+  endToEndSkipped?: string;
+}
+
+/** The opt-in whole-model check of a checkpoint in the user's own PyTorch (--python). */
+export interface EndToEndInfo {
+  interpreter: string;
+  python: string;
+  torch: string;
+  /** Folders put first on sys.path. */
+  pythonPath: string[];
+  /** The module objects run: checkpoint entry ('' = the root) and class. */
+  models: { entry: string; className: string }[];
 }
 
 export interface FuseReport {
@@ -159,8 +174,14 @@ export function renderValidation(v: ValidationReport): string {
   out.push(`validation: ${v.runtime}; inputs ${v.inputs.map((i) => `${i.name} ${i.shape.join('×')} ${i.dtype}`).join(', ')}; atol ${v.atol}, rtol ${v.rtol}`);
   const row = (name: string, d: TensorDiff) => [name, fmtNum(d.maxAbsDiff), fmtNum(d.maxRelDiff), fmtNum(d.meanAbsDiff), `[${d.worstIndex.join(',')}]`, fmtNum(d.maxAbsRef), fmtNum(d.tolerance), d.passed ? 'pass' : 'FAIL'];
   const head = ['max |Δ|', 'max rel', 'mean |Δ|', 'worst at', 'max |y|', 'tolerance', 'verdict'];
+  if (v.endToEnd) {
+    const e = v.endToEnd;
+    out.push('', `whole model, end to end: ${e.models.map((m) => `${m.entry ? `ckpt['${m.entry}']` : 'the checkpoint'} (${m.className})`).join(', ')} run original against fused in PyTorch ${e.torch} (${e.interpreter})`);
+  }
   if (v.outputs.length) out.push('', table(['output', ...head], v.outputs.map((d) => row(d.name, d))));
-  else out.push('', 'No whole-network outputs: a checkpoint has no graph, so each block is checked on its own (its branches as defined, against the fused conv as written).');
+  else {
+    out.push('', `Checked block by block, as read by RepFuse: each fused block, as written, against its branches as RepFuse read them from the file; the whole model was not run${v.endToEndSkipped ? ` (${v.endToEndSkipped})` : ' (a checkpoint has no graph; --python runs it end to end in your own PyTorch)'}.`);
+  }
   if (v.blocks.length) out.push('', table(['block', ...head], v.blocks.map((d) => row(d.block, d))));
   return out.join('\n');
 }
@@ -173,7 +194,8 @@ export function verdictLine(r: FuseReport): string {
     // A checkpoint has no whole-network outputs: its verdict is the worst block.
     const diffs = r.validation.outputs.length ? r.validation.outputs : r.validation.blocks;
     const max = Math.max(0, ...diffs.map((o) => o.maxAbsDiff));
-    parts.push(`max |Δ| ${fmtNum(max)}${r.validation.outputs.length ? '' : ' (worst block)'}`, r.validation.passed ? 'passed' : 'OVER TOLERANCE');
+    const scope = r.validation.endToEnd ? ` (whole model, in PyTorch ${r.validation.endToEnd.torch})` : r.validation.outputs.length ? '' : ' (worst block; checked block by block, as read by RepFuse)';
+    parts.push(`max |Δ| ${fmtNum(max)}${scope}`, r.validation.passed ? 'passed' : 'OVER TOLERANCE');
   } else parts.push(`not validated${r.validationSkipped ? ` (${r.validationSkipped})` : ''}`);
   return parts.join(' · ');
 }

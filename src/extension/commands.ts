@@ -13,6 +13,8 @@ import { fuseJobOptions, fusedOutputPath, isModelFile, MODEL_EXTENSIONS } from '
 import { WorkerRequestError } from './worker/client';
 import { type FuseReport, renderFuse } from '../core/report';
 import { blockDescription } from './view/treeItems';
+import { isCheckpointPath } from '../core/formats';
+import { decidePython, isFullModuleCheckpoint } from './pythonValidation';
 
 export interface CommandDeps {
   context: vscode.ExtensionContext;
@@ -81,6 +83,15 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
       if (replace !== 'Replace') return;
     }
 
+    // Full-module checkpoints may also run whole in the user's PyTorch: trusted workspace and consent first.
+    let python: { interpreter: string; path: string[] } | undefined;
+    if (settings.validate && isCheckpointPath(input)) {
+      const inspected = await d.service.load(uri).catch(() => undefined);
+      const decision = await decidePython(d.context.workspaceState, input, inspected, settings.python, uri);
+      if (decision.run) python = { interpreter: decision.interpreter, path: decision.path };
+      else if (isFullModuleCheckpoint(inspected)) d.log.info(`${baseName(input)}: checked block by block only, not end to end in PyTorch: ${decision.why}.`);
+    }
+
     running.add(input);
     d.editors.setBusy(uri, true);
     const controller = new AbortController();
@@ -91,7 +102,7 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
         (progress, token) => {
           token.onCancellationRequested(() => controller.abort());
           progress.report({ message: 'analyzing…' });
-          return d.service.fuse(uri, fuseJobOptions(settings, output, exists), {
+          return d.service.fuse(uri, { ...fuseJobOptions(settings, output, exists), python }, {
             signal: controller.signal,
             onProgress: (m) => {
               d.log.info(m);

@@ -29,8 +29,12 @@ export interface FuseJobOptions extends InspectOptions {
   validate: boolean;
   atol: number;
   rtol: number;
+  /** repfuse.validation.rtol is set somewhere (else fp16/bf16 checkpoints get a float16-sized rtol). */
+  rtolExplicit?: boolean;
   timeoutMs: number;
   inputShapes: Record<string, number[]>;
+  /** Run full-module checkpoints whole in this Python (only after the trust and consent checks). */
+  python?: { interpreter: string; path: string[] };
 }
 
 /** The raw configuration values, as `WorkspaceConfiguration.get` returns them. */
@@ -38,22 +42,29 @@ export interface RawSettings {
   validationEnabled?: unknown;
   atol?: unknown;
   rtol?: unknown;
+  /** Whether repfuse.validation.rtol has a value set by the user (WorkspaceConfiguration.inspect). */
+  rtolExplicit?: unknown;
   inputShapes?: unknown;
   timeoutSeconds?: unknown;
   fusedSuffix?: unknown;
   foldStandaloneBatchNorm?: unknown;
   defaultEpsilon?: unknown;
   outputDtype?: unknown;
+  pythonInterpreter?: unknown;
+  pythonPath?: unknown;
 }
 
 export interface Settings {
   validate: boolean;
   atol: number;
   rtol: number;
+  rtolExplicit: boolean;
   timeoutMs: number;
   inputShapes: Record<string, number[]>;
   fusedSuffix: string;
   inspect: InspectOptions;
+  /** repfuse.python.*: interpreter '' = the Python extension's; path [] = the checkpoint's folders. */
+  python: { interpreter: string; path: string[] };
 }
 
 export const DEFAULTS = { atol: 1e-4, rtol: 1e-3, timeoutSeconds: 300, fusedSuffix: '.fused' } as const;
@@ -109,15 +120,27 @@ export function parseSettings(raw: RawSettings): { settings: Settings; problems:
     else problems.push(`repfuse.checkpoint.outputDtype must be keep, float32 or float16 (got ${JSON.stringify(raw.outputDtype)}); using keep.`);
   }
   const timeoutSeconds = num(raw.timeoutSeconds, 'validation.timeoutSeconds', DEFAULTS.timeoutSeconds);
+  let interpreter = '';
+  if (raw.pythonInterpreter !== undefined && raw.pythonInterpreter !== null) {
+    if (typeof raw.pythonInterpreter === 'string') interpreter = raw.pythonInterpreter.trim();
+    else problems.push(`repfuse.python.interpreter must be the path of a Python interpreter (got ${JSON.stringify(raw.pythonInterpreter)}); using the Python extension's.`);
+  }
+  let pythonPath: string[] = [];
+  if (raw.pythonPath !== undefined && raw.pythonPath !== null) {
+    if (Array.isArray(raw.pythonPath) && raw.pythonPath.every((p) => typeof p === 'string' && p.trim())) pythonPath = (raw.pythonPath as string[]).map((p) => p.trim());
+    else problems.push(`repfuse.python.path must be a list of folders (got ${JSON.stringify(raw.pythonPath)}); using the checkpoint's folder and its parents.`);
+  }
   return {
     settings: {
       validate: raw.validationEnabled === undefined ? true : raw.validationEnabled !== false,
       atol: num(raw.atol, 'validation.atol', DEFAULTS.atol),
       rtol: num(raw.rtol, 'validation.rtol', DEFAULTS.rtol),
+      rtolExplicit: raw.rtolExplicit === true && nonNegative(raw.rtol),
       timeoutMs: Math.max(1, timeoutSeconds) * 1000,
       inputShapes,
       fusedSuffix,
       inspect: { foldBN: raw.foldStandaloneBatchNorm === undefined ? true : raw.foldStandaloneBatchNorm !== false, checkpoint: { defaultEpsilon, outputDtype } },
+      python: { interpreter, path: pythonPath },
     },
     problems,
   };
@@ -125,7 +148,7 @@ export function parseSettings(raw: RawSettings): { settings: Settings; problems:
 
 /** The options of one fuse job. */
 export function fuseJobOptions(s: Settings, output: string, force: boolean): FuseJobOptions {
-  return { ...s.inspect, output, force, validate: s.validate, atol: s.atol, rtol: s.rtol, timeoutMs: s.timeoutMs, inputShapes: s.inputShapes };
+  return { ...s.inspect, output, force, validate: s.validate, atol: s.atol, rtol: s.rtol, rtolExplicit: s.rtolExplicit, timeoutMs: s.timeoutMs, inputShapes: s.inputShapes };
 }
 
 /** A stable key of the options that change what inspecting a file reports (not the output dtype). */

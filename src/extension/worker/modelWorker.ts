@@ -111,6 +111,8 @@ async function runFuse(id: number, file: string, o: WorkerRequests['fuse']['para
         validate: o.validate,
         atol: o.atol,
         rtol: o.rtol,
+        rtolExplicit: o.rtolExplicit,
+        python: o.python,
         timeoutMs: o.timeoutMs,
         inputShapes: o.inputShapes,
         inputNpy: {},
