@@ -12,7 +12,7 @@ import { dropAux } from '../src/core/checkpoint/dropaux';
 import { namedTensors, openTorch } from '../src/core/torch/load';
 import { PyDict, PyFloat, PyObject, PySet, type PyValue } from '../src/core/torch/values';
 import { NewTensor, TorchTensor } from '../src/core/torch/tensor';
-import { defaultFuseOptions, fuse } from '../src/engine';
+import { defaultFuseOptions, fuse, inspect } from '../src/engine';
 import { RepFuseError } from '../src/core/errors';
 import { cliPath, makeTmp, repoRoot, rmTmp } from './helpers/paths';
 
@@ -151,6 +151,15 @@ describe('the conversion itself equals the official notebook', () => {
     } finally {
       t.source.close();
     }
+  });
+});
+
+describe('inspect names auxiliary heads, so --drop-aux can be offered', () => {
+  test('checkpoints and ONNX exports with auxiliary heads; none on a model without them', () => {
+    assert.deepEqual(inspect(path.join(OFFICIAL, 'dropaux_yolov9', 'train.pt'), { foldBN: true }).model.auxHeads, ['models.yolo.DualDDetect']);
+    assert.deepEqual(inspect(path.join(OFFICIAL, 'dropaux_yolov7', 'train.pt'), { foldBN: true }).model.auxHeads, ['models.yolo.IAuxDetect']);
+    assert.deepEqual(inspect(path.join(OFFICIAL, 'dropaux_yolov9_onnx', 'train.onnx'), { foldBN: true }).model.auxHeads, ['model.38 (DualDDetect/DualDetect)']);
+    assert.equal(inspect(path.join(repoRoot, 'test', 'fixtures', 'torch', 'yolov7_full.pt'), { foldBN: true }).model.auxHeads, undefined);
   });
 });
 
