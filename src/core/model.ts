@@ -85,6 +85,8 @@ export interface ModelSummary {
   paramBytes: number;
   dtypes: Record<string, number>;
   opCounts?: Record<string, number>;
+  /** YOLO auxiliary training heads found (DualDDetect, IAuxDetect, …): `fuse --drop-aux` applies. */
+  auxHeads?: string[];
   notes: string[];
 }
 

@@ -324,6 +324,23 @@ export function dropAuxModel(model: PyObject, entry: string): DropAuxResult {
   };
 }
 
+/**
+ * The auxiliary heads (class names) of the model objects in a checkpoint root, without changing
+ * anything: lets the inspector and the Fuse flow offer --drop-aux where it applies.
+ */
+export function findAuxHeads(root: PyValue): string[] {
+  const models = isModule(root) ? [root] : root instanceof PyDict ? ['model', 'ema'].map((k) => root.get(k)).filter(isModule) : [];
+  const heads = new Set<string>();
+  for (const m of models) {
+    const seq = modulesOf(m).get('model');
+    if (!isModule(seq)) continue;
+    const layers = modulesOf(seq).values();
+    const last = layers[layers.length - 1];
+    if (isModule(last) && (HEADS[last.className] || UNSUPPORTED_HEADS.includes(last.className))) heads.add(last.className);
+  }
+  return [...heads];
+}
+
 /** Converts every YOLO model object of a checkpoint root ('model' and 'ema' entries, or a bare module). */
 export function dropAux(root: PyValue): DropAuxResult[] {
   if (isModule(root)) return [dropAuxModel(root, '')];

@@ -50,6 +50,11 @@ function findHeads(nodes: OnnxNode[]): HeadScope[] {
   return heads;
 }
 
+/** Module scopes of auxiliary heads in the graph (e.g. 'model.38 (DualDDetect/DualDetect)'), for the inspector. */
+export function findOnnxAuxHeads(model: OnnxModel): string[] {
+  return findHeads(model.graph.nodes).map((h) => `${h.scope} (${h.kind === 'dual' ? 'DualDDetect/DualDetect' : 'IAuxDetect'})`);
+}
+
 /** What --drop-aux removes from an ONNX graph, as a writer plan (empty when there is nothing auxiliary). */
 export function planDropAux(model: OnnxModel): OnnxDropAux {
   const g = model.graph;
