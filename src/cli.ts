@@ -8,6 +8,7 @@ import { renderFuse, renderInspect } from './core/report';
 import { defaultFuseOptions, fuse, inspect } from './engine';
 import { ValidationError } from './validate';
 import { DType } from './core/dtype';
+import { FAMILY_LIST } from './core/families';
 import { DEFAULT_THRESHOLD_DB, renderQuant } from './core/quant';
 import { analyzeQuant, defaultQuantOptions } from './validate/quantHost';
 import * as fs from 'node:fs';
@@ -15,14 +16,14 @@ import * as fs from 'node:fs';
 const USAGE = `repfuse — find and fuse structural re-parameterization blocks (RepVGG, YOLOv7 RepConv, MobileOne, ACNet, …)
 
 Usage:
-  repfuse inspect <model> [--json] [--no-fold-bn] [--eps 1e-3]
+  repfuse inspect <model> [--json] [--no-fold-bn] [--eps 1e-3] [--family NAME]
   repfuse quant <model> [--json] [--input name=1x3x640x640]... [--input-npy name=file.npy]...
                [--seed 0] [--threshold-db 30] [--timeout 300] [--no-fold-bn] [--eps 1e-3]
-  repfuse fuse <model> [-o out] [--force] [--json] [--no-validate] [--no-fold-bn]
+  repfuse fuse <model> [-o out] [--force] [--json] [--no-validate] [--fold-bn | --no-fold-bn]
                [--input name=1x3x640x640]... [--input-npy name=file.npy]...
                [--atol 1e-4] [--rtol 1e-3] [--seed 0] [--timeout 300]
-               [--eps 1e-3] [--dtype keep|float32|float16|bfloat16] [--keep-modules | --state-dict]
-               [--python PATH [--python-path DIR]...]
+               [--eps 1e-3] [--family NAME] [--dtype keep|float32|float16|bfloat16] [--keep-modules | --state-dict]
+               [--drop-aux] [--python PATH [--python-path DIR]...] [--fp16 [--force-fp16]]
 
 <model> is an .onnx model, a PyTorch checkpoint (.pt/.pth/.ckpt: zip or legacy format, state_dict
 or full-module pickle, read without Python and without running anything in it) or .safetensors.
@@ -35,7 +36,28 @@ Checkpoints: -o x.pt writes a fused state_dict with the family's deploy names (r
 reparam_conv, conv, fused_conv) for deploy_model.load_state_dict(torch.load(x.pt), strict=True);
 -o x.safetensors the same tensors. A full-module checkpoint (YOLO's {'model': Model, …}) is by
 default rewritten as a checkpoint with its blocks in deploy form (--state-dict to get a state_dict).
+--fold-bn folds every plain Conv+BN as the family's official whole-model fuse does (YOLOv7/v9 and
+Ultralytics Model.fuse(): conv gets the folded weight and a bias, bn deleted, forward = forward_fuse;
+YOLOv6 fuse_model; RepViT replace_batchnorm: Conv2d_BN → Conv2d, BN_Linear → Linear, distillation
+head averaged). Default: on for full-module YOLO checkpoints and for RepViT; --no-fold-bn keeps them.
 --eps overrides BN epsilon (bare state_dicts use the family's training default, and say so).
+--family NAME picks the variant a state_dict cannot show (parameterless branches leave no keys):
+qarepvgg (YOLOv6 QARepVGGBlock, the default) or qarepvggv2 (QARepVGGBlockV2: + 3×3 avg-pool branch).
+quant reports INT8/FP16 readiness of the weights as fuse would write them: per weight the INT8
+SQNR (per tensor / per output channel), max/median channel range and FP16 overflow/subnormal counts;
+per block the output SQNR when only its fused weight is INT8 (ONNX: all model outputs; checkpoints:
+the block's own output) and its branches' BN gains; blocks below --threshold-db are listed as
+fallback (keep them in higher precision).
+
+--fp16 stores the output's float weights as float16 after checking them: a value with |w| > 65504
+(it would become ±inf) makes fuse refuse with exit code 2 and name the tensors, unless --force-fp16;
+subnormal values (0 < |w| < 2^-14) are reported. ONNX: every float32 initializer is stored as
+float16 behind a Cast to float32 (inputs, outputs and computation stay float32; validation rtol
+defaults to 1e-2); checkpoints: as --dtype float16.
+--drop-aux turns a YOLO training checkpoint into the deploy architecture first: YOLOv9 yolov9-*
+(DualDDetect, CBLinear/CBFuse auxiliary branch) → GELAN with DDetect; YOLOv7 P6 (IAuxDetect) →
+Detect with the implicit knowledge folded; layers renumbered, yaml rewritten. ONNX: removes the
+graph outputs that only auxiliary heads compute.
 
 --python PATH (full-module checkpoints, opt-in): also load the original and the fused checkpoint
 with that interpreter's PyTorch (torch.load(weights_only=False): this RUNS the checkpoint's pickled
@@ -78,6 +100,7 @@ async function main(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
       'no-validate': { type: 'boolean', default: false },
       'no-fold-bn': { type: 'boolean', default: false },
+      'fold-bn': { type: 'boolean', default: false },
       input: { type: 'string', multiple: true },
       'input-npy': { type: 'string', multiple: true },
       atol: { type: 'string' },
@@ -85,12 +108,16 @@ async function main(argv: string[]): Promise<number> {
       seed: { type: 'string' },
       timeout: { type: 'string' },
       eps: { type: 'string' },
+      family: { type: 'string' },
       dtype: { type: 'string' },
       'keep-modules': { type: 'boolean', default: false },
       'state-dict': { type: 'boolean', default: false },
+      'drop-aux': { type: 'boolean', default: false },
       python: { type: 'string' },
       'python-path': { type: 'string', multiple: true },
       'threshold-db': { type: 'string' },
+      fp16: { type: 'boolean', default: false },
+      'force-fp16': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
       version: { type: 'boolean', short: 'v', default: false },
     },
@@ -112,9 +139,12 @@ async function main(argv: string[]): Promise<number> {
   const foldBN = !values['no-fold-bn'];
   const eps = values.eps === undefined ? undefined : parseNumber('eps', values.eps, 0);
   if (eps !== undefined && !(eps > 0)) throw new RepFuseError(`--eps must be positive, got '${values.eps}'.`);
+  const family = values.family;
+  const variants = FAMILY_LIST.filter((f) => 'variantOf' in f && f.variantOf).map((f) => f.id as string);
+  if (family !== undefined && !variants.includes(family)) throw new RepFuseError(`--family must be one of ${variants.join(', ')} (the variants a state_dict cannot show); got '${family}'.`);
 
   if (cmd === 'inspect') {
-    const report = inspect(file, { foldBN, eps });
+    const report = inspect(file, { foldBN, eps, family });
     process.stdout.write(values.json ? JSON.stringify(report, null, 2) + '\n' : renderInspect(report) + '\n');
     return 0;
   }
@@ -154,6 +184,7 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (values['keep-modules'] && values['state-dict']) throw new RepFuseError('--keep-modules and --state-dict exclude each other.');
+  if (values['fold-bn'] && values['no-fold-bn']) throw new RepFuseError('--fold-bn and --no-fold-bn exclude each other.');
   if (values['python-path'] && values.python === undefined) throw new RepFuseError('--python-path needs --python (the interpreter that runs the end-to-end validation).');
   const dtypes: Record<string, DType | undefined> = { keep: undefined, float32: DType.float32, float16: DType.float16, bfloat16: DType.bfloat16, float64: DType.float64 };
   if (values.dtype !== undefined && !(values.dtype in dtypes)) throw new RepFuseError(`--dtype must be one of ${Object.keys(dtypes).join(', ')}, got '${values.dtype}'.`);
@@ -161,8 +192,13 @@ async function main(argv: string[]): Promise<number> {
     ...defaultFuseOptions,
     foldBN,
     eps,
+    family,
     dtype: values.dtype ? dtypes[values.dtype] : undefined,
+    fp16: values.fp16 || values['force-fp16'],
+    forceFp16: values['force-fp16'],
     keepModules: values['keep-modules'] ? true : values['state-dict'] ? false : undefined,
+    dropAux: values['drop-aux'],
+    checkpointFoldBN: values['fold-bn'] ? true : values['no-fold-bn'] ? false : undefined,
     python: values.python !== undefined ? { interpreter: values.python, path: values['python-path'] ?? [] } : undefined,
     rtolExplicit: values.rtol !== undefined,
     output: values.output,

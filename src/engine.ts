@@ -1,35 +1,60 @@
 // The fuse job shared by the CLI and the extension: analyze, write, validate in a child process.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { FormatError, FusionError, RepFuseError } from './core/errors';
+import { FormatError, FusionError, oneLineError, RepFuseError } from './core/errors';
+import { checkpointBenefit, countMacs, onnxBenefit } from './core/macs';
 import { readNpy } from './core/npy';
 import { analyzeOnnx, type EngineOptions, onnxBlockData, openOnnx, writeFused } from './core/onnx';
-import { type InputSpec, resolveInputs } from './core/onnx/inputs';
+import { resolveInputs } from './core/onnx/inputs';
+import { findOnnxAuxHeads, type OnnxDropAux, planDropAux } from './core/onnx/dropaux';
+import { writeOnnx } from './core/onnx/writer';
 import type { FuseReport } from './core/report';
 import type { BlockData, InspectReport } from './core/model';
-import { validateInChild } from './validate';
+import { type ValidateOptions, type ValidationReport } from './validate';
+import type { ValidatePairsRequest } from './validate/protocol';
+import { type LatencyResult, ValidationSession } from './validate/session';
 import { DType, dtypeName } from './core/dtype';
-import { analyzeCheckpoint, type CheckpointAnalysis, checkpointBlockData, writeCheckpoint, writtenValues } from './core/checkpoint';
+import { analyzeCheckpoint, type CheckpointAnalysis, checkpointBlockData, checkpointFolds, writeCheckpoint, writtenValues } from './core/checkpoint';
 import { checkOutputExtension, modelKind, type ModelKind } from './core/formats';
 import { ckptBlockSpec } from './core/checkpoint/fuse';
 import { fuseBlock } from './core/fusion';
 import { buildBlockModels } from './core/onnx/blockmodel';
 import * as os from 'node:os';
+import { checkpointFp16, enforceFp16, FP16_MODEL_RTOL, planFp16 } from './core/fp16';
 import { planEndToEnd, type PythonOptions, runEndToEnd } from './validate/python';
 
 export interface FuseOptions extends EngineOptions {
   output?: string;
   /** Checkpoints: BN epsilon for every BN (overrides what the file says or the family default). */
   eps?: number;
+  /** Checkpoints: the family variant a state_dict cannot show (`--family qarepvggv2`; see src/core/families). */
+  family?: string;
   /** Checkpoints: convert float tensors to this dtype in the output. */
   dtype?: DType;
+  /**
+   * Store float weights as float16 after the FP16 check: refuses when a value would overflow
+   * (|w| > 65504) unless `forceFp16`; subnormal values are reported. ONNX: float32 initializers
+   * become float16 behind a Cast to float32; checkpoints: --dtype float16.
+   */
+  fp16?: boolean;
+  forceFp16?: boolean;
   /**
    * Checkpoints holding module objects: true = rewrite them in deploy form (the default for
    * full-module inputs written as .pt), false = write a fused state_dict.
    */
   keepModules?: boolean;
+  /** YOLO training checkpoints: remove the auxiliary heads and branch first (the deploy architecture). */
+  dropAux?: boolean;
+  /**
+   * Checkpoints (--fold-bn / --no-fold-bn): fold every plain Conv+BN as the family's official
+   * whole-model fuse does (YOLO Model.fuse(), YOLOv6 fuse_model, RepViT replace_batchnorm).
+   * Undefined = the default: on for full-module YOLO checkpoints and for RepViT, off otherwise.
+   */
+  checkpointFoldBN?: boolean;
   /** rtol was given by the user (otherwise fp16 checkpoints get a float16-sized default). */
   rtolExplicit?: boolean;
+  /** After validating, measure the median latency of this many runs of each model (0 = do not). */
+  latencyRuns?: number;
   /**
    * Full-module checkpoints: also run the original and the fused checkpoint whole in the user's own
    * PyTorch (opt-in: this runs the checkpoint's pickled code).
@@ -101,16 +126,21 @@ export interface OpenedModel {
   close(): void;
 }
 
-export function openModel(file: string, opts: EngineOptions & { eps?: number }): OpenedModel {
+export function openModel(file: string, opts: EngineOptions & { eps?: number; family?: string }): OpenedModel {
   try {
     const kind = modelKind(file); // a one-line error for anything else
     if (kind === 'checkpoint') {
-      const a = analyzeCheckpoint(file, { eps: opts.eps });
+      const a = analyzeCheckpoint(file, { eps: opts.eps, family: opts.family });
       return { kind, report: a.report, blockData: (b) => checkpointBlockData(a, b), close: () => a.close() };
     }
     const model = openOnnx(file);
     try {
       const a = analyzeOnnx(model, opts);
+      const aux = findOnnxAuxHeads(model);
+      if (aux.length) {
+        a.report.model.auxHeads = aux;
+        a.report.model.notes.push(`auxiliary training head${aux.length === 1 ? '' : 's'} ${aux.join(', ')}: \`repfuse fuse --drop-aux\` removes the outputs only they compute`);
+      }
       return { kind, report: a.report, blockData: (b) => onnxBlockData(a, b), close: () => model.close() };
     } catch (err) {
       model.close();
@@ -121,7 +151,7 @@ export function openModel(file: string, opts: EngineOptions & { eps?: number }):
   }
 }
 
-export function inspect(file: string, opts: EngineOptions & { eps?: number }): InspectReport {
+export function inspect(file: string, opts: EngineOptions & { eps?: number; family?: string }): InspectReport {
   const m = openModel(file, opts);
   m.close();
   return m.report;
@@ -129,9 +159,63 @@ export function inspect(file: string, opts: EngineOptions & { eps?: number }): I
 
 export async function fuse(input: string, opts: FuseOptions): Promise<FuseReport> {
   try {
-    return await (modelKind(input) === 'checkpoint' ? fuseCheckpoint(input, opts) : fuseOnnx(input, opts));
+    if (modelKind(input) === 'checkpoint') return await fuseCheckpoint(input, opts);
+    return await (opts.dropAux ? fuseOnnxDropAux(input, opts) : fuseOnnx(input, opts));
   } catch (err) {
     throw naming(input, err);
+  }
+}
+
+const dropAuxInfo = (p: OnnxDropAux): FuseReport['dropAuxOnnx'] => ({
+  heads: p.heads,
+  removedOutputs: p.removedOutputs,
+  keptOutputs: p.keptOutputs,
+  removedNodes: p.removedNodes,
+  removedInitializers: p.removedInitializers,
+  note: p.note,
+});
+
+/**
+ * ONNX with --drop-aux: the graph outputs only auxiliary heads compute are pruned into a temporary
+ * model beside the output (exact: the kept outputs need none of the removed nodes), which is then
+ * fused and validated as usual; the report names the input and what was removed.
+ */
+async function fuseOnnxDropAux(input: string, opts: FuseOptions): Promise<FuseReport> {
+  const out = outputPath(input, opts);
+  const model = openOnnx(input);
+  let pruned: OnnxDropAux;
+  const tmp = path.join(path.dirname(out), `.${path.basename(out, '.onnx')}.repfuse-aux-${process.pid}.onnx`);
+  let tmpData: string | undefined;
+  try {
+    pruned = planDropAux(model);
+    if (!pruned.removedOutputs.length) {
+      model.close();
+      const r = await fuseOnnx(input, opts);
+      r.dropAuxOnnx = dropAuxInfo(pruned);
+      r.inspect.model.notes.push(`--drop-aux: ${pruned.note}`);
+      return r;
+    }
+    tmpData = (await writeOnnx(model, pruned.plan, tmp, { externalData: 'auto' })).externalDataPath;
+  } finally {
+    model.close();
+  }
+  try {
+    const r = await fuseOnnx(tmp, { ...opts, output: out });
+    r.input = input;
+    r.inspect.model.path = input;
+    r.dropAuxOnnx = dropAuxInfo(pruned);
+    r.inspect.model.notes.push(`--drop-aux: ${pruned.note}`);
+    if (!r.output) {
+      // Nothing to fuse: the pruned model is the output.
+      if (tmpData) throw new RepFuseError('--drop-aux pruned the model but found nothing to fuse, and the pruned model uses external data; nothing written.', input);
+      fs.renameSync(tmp, out);
+      r.output = out;
+      r.bytesWritten = fs.statSync(out).size;
+    }
+    return r;
+  } finally {
+    fs.rmSync(tmp, { force: true });
+    if (tmpData) fs.rmSync(tmpData, { force: true });
   }
 }
 
@@ -149,69 +233,110 @@ async function fuseOnnx(input: string, opts: FuseOptions): Promise<FuseReport> {
   const t0 = performance.now();
   const timings: Record<string, number> = {};
   const out = outputPath(input, opts);
-
-  const model = openOnnx(input);
-  let report: FuseReport;
-  let blocks: { name: string; output: string; elemType: number }[];
-  let inputs: InputSpec[] | undefined;
+  // The validation child starts now, so onnxruntime loads while the model is analyzed, and the
+  // original model runs in it while the fused one is being written here.
+  const session = opts.validate ? new ValidationSession({ timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress }) : undefined;
   try {
-    const a = analyzeOnnx(model, opts);
-    timings.analyze = performance.now() - t0;
-    // Resolve validation inputs before writing, so a bad --input fails fast and writes nothing.
-    if (opts.validate && (a.detection.blocks.length || a.detection.folds.length)) {
-      const npy: Record<string, { file: string; shape: number[]; dtype: number }> = {};
-      for (const [name, file] of Object.entries(opts.inputNpy)) {
-        const arr = readNpy(file);
-        npy[name] = { file, shape: arr.shape, dtype: arr.dtype };
+    const model = openOnnx(input);
+    let report: FuseReport;
+    let began = false;
+    let inputShapes = opts.inputShapes;
+    try {
+      const a = analyzeOnnx(model, opts);
+      timings.analyze = performance.now() - t0;
+      const fp16Notes = opts.fp16 ? enforceFp16(planFp16(model, a.rewrite.plan), !!opts.forceFp16, input) : undefined;
+      if (fp16Notes) a.report.model.notes.push(...fp16Notes);
+      report = {
+        input,
+        format: 'onnx',
+        output: null,
+        bytesWritten: 0,
+        blocksFused: a.detection.blocks.length,
+        bnFolded: a.detection.folds.length,
+        nodesBefore: a.rewrite.summary.nodesBefore,
+        nodesAfter: a.rewrite.summary.nodesAfter,
+        paramsBefore: a.rewrite.summary.paramsBefore,
+        paramsAfter: a.rewrite.summary.paramsAfter,
+        inspect: a.report,
+        validation: null,
+        timingsMs: timings,
+      };
+      if (!a.detection.blocks.length && !a.detection.folds.length && !fp16Notes) {
+        report.validationSkipped = 'nothing to fuse';
+        return report;
       }
-      inputs = resolveInputs(model, opts.inputShapes, npy);
+      if (session) {
+        // Resolve validation inputs before writing, so a bad --input fails fast and writes nothing.
+        const npy: Record<string, { file: string; shape: number[]; dtype: number }> = {};
+        for (const [name, file] of Object.entries(opts.inputNpy)) {
+          const arr = readNpy(file);
+          npy[name] = { file, shape: arr.shape, dtype: arr.dtype };
+        }
+        const inputs = resolveInputs(model, opts.inputShapes, npy);
+        inputShapes = Object.fromEntries(inputs.map((i) => [i.name, i.shape]));
+        const blocks = a.detection.blocks.map((b) => ({ name: b.info.name, output: b.output, elemType: b.dtype }));
+        session.begin({ type: 'validate-begin', original: input, outputs: model.graph.outputs.map((o) => o.name), blocks, inputs, seed: opts.seed, threads: 0, latencyRuns: opts.latencyRuns ?? 0 });
+        began = true;
+      }
+      opts.onProgress?.(`writing ${path.basename(out)}`);
+      const t1 = performance.now();
+      const res = await writeFused(a, out, opts.signal);
+      timings.write = performance.now() - t1;
+      report.output = res.path;
+      report.bytesWritten = res.bytes;
+      report.externalData = res.externalDataPath;
+      // MACs of both graphs (while the child runs the original): never a reason to fail the fuse.
+      const t3 = performance.now();
+      try {
+        const fusedModel = openOnnx(res.path);
+        try {
+          report.benefit = onnxBenefit(countMacs(model, inputShapes), countMacs(fusedModel, inputShapes), a.detection.blocks);
+        } finally {
+          fusedModel.close();
+        }
+      } catch (err) {
+        report.inspect.model.notes.push(`MACs not counted: ${oneLineError(err)}`);
+      }
+      timings.macs = performance.now() - t3;
+    } finally {
+      model.close();
     }
-    blocks = a.detection.blocks.map((b) => ({ name: b.info.name, output: b.output, elemType: b.dtype }));
-    report = {
-      input,
-      format: 'onnx',
-      output: null,
-      bytesWritten: 0,
-      blocksFused: a.detection.blocks.length,
-      bnFolded: a.detection.folds.length,
-      nodesBefore: a.rewrite.summary.nodesBefore,
-      nodesAfter: a.rewrite.summary.nodesAfter,
-      paramsBefore: a.rewrite.summary.paramsBefore,
-      paramsAfter: a.rewrite.summary.paramsAfter,
-      inspect: a.report,
-      validation: null,
-      timingsMs: timings,
-    };
-    if (!a.detection.blocks.length && !a.detection.folds.length) {
-      report.validationSkipped = 'nothing to fuse';
-      return report;
-    }
-    opts.onProgress?.(`writing ${path.basename(out)}`);
-    const t1 = performance.now();
-    const res = await writeFused(a, out, opts.signal);
-    timings.write = performance.now() - t1;
-    report.output = res.path;
-    report.bytesWritten = res.bytes;
-    report.externalData = res.externalDataPath;
-  } finally {
-    model.close();
-  }
 
-  if (!opts.validate) {
-    report.validationSkipped = '--no-validate';
-  } else if (inputs) {
-    opts.onProgress?.('validating with onnxruntime');
-    const t2 = performance.now();
-    report.validation = await cancellable(opts.signal, [report.output, report.externalData], () =>
-      validateInChild(
-        { type: 'validate', original: input, fused: report.output!, blocks, inputs, seed: opts.seed, atol: opts.atol, rtol: opts.rtol, threads: 0 },
-        { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress },
-      ),
-    );
-    timings.validate = performance.now() - t2;
+    if (!opts.validate) {
+      report.validationSkipped = '--no-validate';
+    } else if (session && began) {
+      opts.onProgress?.('validating with onnxruntime');
+      const t2 = performance.now();
+      session.fused({ fused: report.output!, atol: opts.atol, rtol: opts.fp16 && !opts.rtolExplicit ? FP16_MODEL_RTOL : opts.rtol });
+      const r = await cancellable(opts.signal, [report.output, report.externalData], () => session.result());
+      report.validation = r.report;
+      if (r.latency) setLatency(report, r.latency);
+      // The wait after writing; the original model ran while the fused one was written.
+      timings.validate = performance.now() - t2;
+    }
+    timings.total = performance.now() - t0;
+    return report;
+  } finally {
+    session?.dispose();
   }
-  timings.total = performance.now() - t0;
-  return report;
+}
+
+/** Latency from the child, into the report's benefit. */
+function setLatency(report: FuseReport, l: LatencyResult): void {
+  if (report.benefit) report.benefit.latencyMs = { before: l.before, after: l.after, runs: l.runs, threads: l.threads, scope: l.scope };
+}
+
+/** Block-by-block validation in the child; latency (when asked) goes into the report's benefit. */
+async function pairsInChild(report: FuseReport, req: ValidatePairsRequest, opts: ValidateOptions): Promise<ValidationReport> {
+  const session = new ValidationSession(opts);
+  try {
+    session.begin(req);
+    const r = await session.result();
+    if (r.latency) setLatency(report, r.latency);
+    return r.report;
+  } finally {
+    session.dispose();
+  }
 }
 
 /** Output dtype of a checkpoint block: the option, else the block's own weights. */
@@ -224,7 +349,11 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
   const t0 = performance.now();
   const timings: Record<string, number> = {};
   const out = outputPath(input, opts);
-  const a = analyzeCheckpoint(input, { eps: opts.eps });
+  if (opts.fp16) {
+    if (opts.dtype !== undefined && opts.dtype !== DType.float16) throw new RepFuseError(`--fp16 and --dtype ${dtypeName(opts.dtype)} exclude each other.`, input);
+    opts = { ...opts, dtype: DType.float16 };
+  }
+  const a = analyzeCheckpoint(input, { eps: opts.eps, family: opts.family, dropAux: opts.dropAux });
   let tmpDir: string | undefined;
   try {
     timings.analyze = performance.now() - t0;
@@ -248,19 +377,41 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
       validation: null,
       timingsMs: timings,
     };
-    if (!w.detection.blocks.length) {
+    const converted = a.dropAux?.some((d) => d.converted) ?? false;
+    if (a.dropAux) report.dropAux = a.dropAux;
+    if (converted && !keepModules) throw new RepFuseError('--drop-aux rewrites the model objects: write a .pt checkpoint (without --state-dict).', input);
+    if (opts.fp16) report.inspect.model.notes.push(...enforceFp16(checkpointFp16(w), !!opts.forceFp16, input));
+    const foldPlan = checkpointFolds(w, opts.checkpointFoldBN, opts.eps);
+    if (!w.detection.blocks.length && !converted && !opts.fp16 && !foldPlan.folds.length) {
+      if (foldPlan.note) report.inspect.model.notes.push(foldPlan.note);
       report.validationSkipped = 'nothing to fuse';
       return report;
     }
     opts.onProgress?.(`writing ${path.basename(out)}`);
     const t1 = performance.now();
-    const res = await writeCheckpoint(a, out, { dtype: opts.dtype, keepModules, signal: opts.signal });
+    const res = await writeCheckpoint(a, out, { dtype: opts.dtype, keepModules, foldBN: opts.checkpointFoldBN, eps: opts.eps, signal: opts.signal });
     timings.write = performance.now() - t1;
     report.output = res.path;
     report.bytesWritten = res.bytes;
+    // Whole-model folds (--fold-bn): listed, counted, and said to be outside the per-block check.
+    report.inspect.folds.push(...res.folds);
+    report.inspect.notFolded.push(...res.notFolded);
+    report.bnFolded = res.folds.length;
+    for (const n of res.foldNotes) report.inspect.model.notes.push(`${n}${res.folds.length ? ' — folded in float64, rounded once; not part of the block-by-block validation' : ''}`);
     report.inspect.model.notes.push(`wrote ${res.layout}${keepModules ? ' (module objects switched to deploy form, every other entry kept)' : ''}`);
+    if (w.detection.blocks.length) report.benefit = checkpointBenefit(w.detection.blocks.map((b) => b.info));
     if (!opts.validate) {
       report.validationSkipped = '--no-validate';
+      return report;
+    }
+    if (!w.detection.blocks.length) {
+      if (endToEnd && !('skipped' in endToEnd)) {
+        report.validation = await cancellable(opts.signal, [report.output], () =>
+          runEndToEnd(endToEnd, null, { original: input, fused: report.output!, seed: opts.seed, atol: opts.atol, rtol: opts.rtol, timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress }),
+        );
+        return report;
+      }
+      report.validationSkipped = 'no block was fused; the --drop-aux conversion and --fold-bn folds are checked end to end only by the Python validation';
       return report;
     }
     // A checkpoint has no graph of the whole network: each block is checked on its own, its
@@ -291,7 +442,7 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
       report.inspect.model.notes.push(`fused weights are stored as ${low.map(dtypeName).join('/')}: rounding each weight costs ~${low.includes(DType.bfloat16) ? '4e-3' : '5e-4'} relative, so validation uses rtol ${rtol} (set --rtol to override)`);
     }
     report.validation = await cancellable(opts.signal, [report.output], () =>
-      validateInChild({ type: 'validate-pairs', pairs, seed: opts.seed, atol: opts.atol, rtol }, { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress }),
+      pairsInChild(report, { type: 'validate-pairs', pairs, seed: opts.seed, atol: opts.atol, rtol, latencyRuns: opts.latencyRuns ?? 0 }, { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress }),
     );
     if (endToEnd) {
       const blocks = report.validation;

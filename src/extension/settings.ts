@@ -20,6 +20,7 @@ export function readSettings(scope?: vscode.Uri): { settings: Settings; problems
     foldStandaloneBatchNorm: c.get('foldStandaloneBatchNorm'),
     defaultEpsilon: c.get('checkpoint.defaultEpsilon'),
     outputDtype: c.get('checkpoint.outputDtype'),
+    checkpointFoldBN: c.get('checkpoint.foldBN'),
     pythonInterpreter: c.get('python.interpreter'),
     pythonPath: c.get('python.path'),
   });

@@ -15,6 +15,8 @@ export interface CheckpointOptions {
   /** BN epsilon for bare state_dicts that do not store it; 'auto' guesses from the family. */
   defaultEpsilon: number | 'auto';
   outputDtype: 'keep' | 'float32' | 'float16';
+  /** repfuse.checkpoint.foldBN: fold plain Conv+BN as the official whole-model fuse ('auto': full-module YOLO and RepViT). */
+  foldBN?: 'auto' | 'on' | 'off';
 }
 
 /** What inspecting a model depends on (a change re-parses open models). */
@@ -50,6 +52,7 @@ export interface RawSettings {
   foldStandaloneBatchNorm?: unknown;
   defaultEpsilon?: unknown;
   outputDtype?: unknown;
+  checkpointFoldBN?: unknown;
   pythonInterpreter?: unknown;
   pythonPath?: unknown;
 }
@@ -119,6 +122,11 @@ export function parseSettings(raw: RawSettings): { settings: Settings; problems:
     if (raw.outputDtype === 'keep' || raw.outputDtype === 'float32' || raw.outputDtype === 'float16') outputDtype = raw.outputDtype;
     else problems.push(`repfuse.checkpoint.outputDtype must be keep, float32 or float16 (got ${JSON.stringify(raw.outputDtype)}); using keep.`);
   }
+  let ckptFold: NonNullable<CheckpointOptions['foldBN']> = 'auto';
+  if (raw.checkpointFoldBN !== undefined && raw.checkpointFoldBN !== null) {
+    if (raw.checkpointFoldBN === 'auto' || raw.checkpointFoldBN === 'on' || raw.checkpointFoldBN === 'off') ckptFold = raw.checkpointFoldBN;
+    else problems.push(`repfuse.checkpoint.foldBN must be auto, on or off (got ${JSON.stringify(raw.checkpointFoldBN)}); using auto.`);
+  }
   const timeoutSeconds = num(raw.timeoutSeconds, 'validation.timeoutSeconds', DEFAULTS.timeoutSeconds);
   let interpreter = '';
   if (raw.pythonInterpreter !== undefined && raw.pythonInterpreter !== null) {
@@ -139,7 +147,7 @@ export function parseSettings(raw: RawSettings): { settings: Settings; problems:
       timeoutMs: Math.max(1, timeoutSeconds) * 1000,
       inputShapes,
       fusedSuffix,
-      inspect: { foldBN: raw.foldStandaloneBatchNorm === undefined ? true : raw.foldStandaloneBatchNorm !== false, checkpoint: { defaultEpsilon, outputDtype } },
+      inspect: { foldBN: raw.foldStandaloneBatchNorm === undefined ? true : raw.foldStandaloneBatchNorm !== false, checkpoint: { defaultEpsilon, outputDtype, foldBN: ckptFold } },
       python: { interpreter, path: pythonPath },
     },
     problems,

@@ -7,6 +7,8 @@ import { parentPort } from 'node:worker_threads';
 import { oneLineError, RepFuseError } from '../../core/errors';
 import { pendingTempFiles } from '../../core/atomic';
 import { blockStats } from '../../core/stats';
+import { blockQuantDetail } from '../../core/quant';
+import { analyzeQuant, defaultQuantOptions } from '../../validate/quantHost';
 import { DType } from '../../core/dtype';
 import * as engine from '../../engine';
 import { ValidationError } from '../../validate';
@@ -106,6 +108,7 @@ async function runFuse(id: number, file: string, o: WorkerRequests['fuse']['para
         foldBN: o.foldBN,
         eps: eo.eps,
         dtype: eo.dtype,
+        checkpointFoldBN: o.checkpoint.foldBN === 'on' ? true : o.checkpoint.foldBN === 'off' ? false : undefined,
         output: out,
         force: o.force,
         validate: o.validate,
@@ -161,6 +164,12 @@ async function handle(m: WorkerRequest): Promise<unknown> {
       return modelFor(m.params.file, m.params.options).report;
     case 'blockStats':
       return blockStats(modelFor(m.params.file, m.params.options).blockData(m.params.block));
+    case 'blockQuant':
+      return blockQuantDetail(modelFor(m.params.file, m.params.options).blockData(m.params.block));
+    case 'quant': {
+      const eo = engineOptions(m.params.options);
+      return analyzeQuant(m.params.file, { ...defaultQuantOptions, foldBN: eo.foldBN, eps: eo.eps, onProgress: (message) => post({ type: 'progress', id: m.id, message }) });
+    }
     case 'close':
       closeModel(m.params.file);
       return null;
