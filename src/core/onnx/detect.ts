@@ -5,6 +5,7 @@ import { dtypeName, isFloatType } from '../dtype';
 import type { BlockInfo, BranchInfo, FoldInfo, RejectedCandidate } from '../model';
 import { type ConstRef, GraphIndex, commonScopeName } from './graph';
 import { attrFloat, attrInt, attrInts, attrString, numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
+import { ConstFolder, findGemmFolds, findRegions, fuseRegion, nodeLabel, regionDtype, RegionReject } from './region';
 
 export interface BNRef {
   node: OnnxNode;
@@ -56,6 +57,26 @@ export interface OnnxBlock {
   template: OnnxNode;
   /** Constant zeros added in the tree (MobileOne's `out = 0 + …`): they vanish with the block. */
   zeros: ConstRef[];
+  /**
+   * A linear region or a BN → Gemm fold: its replacement was computed at detection (float64), and
+   * the writer emits it as is; `leaves` is then empty.
+   */
+  fused?: FusedOp;
+}
+
+/** One node computed at detection that replaces a region: its weight, bias and attributes. */
+export interface FusedOp {
+  op: 'Conv' | 'Gemm';
+  weight: Float64Array;
+  weightDims: number[];
+  bias: Float64Array;
+  /** Conv: pads [begin…, end…]; Gemm: unused. */
+  pads: number[];
+  /** Gemm: transB and alpha of the original node. */
+  transB?: number;
+  alpha?: number;
+  /** What the region was, for the node's doc string. */
+  what: string;
 }
 
 export interface OnnxFold {
@@ -83,6 +104,8 @@ export interface Detection {
 
 export interface DetectOptions {
   foldBN: boolean;
+  /** Fuse linear regions the plain detector cannot express (default true). */
+  regions?: boolean;
 }
 
 /** Thrown inside the analysis of one candidate; becomes a RejectedCandidate. */
@@ -498,6 +521,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     return any;
   };
   for (const r of roots) visit(r);
+  if (opts.regions !== false) linearRegions(model, index, det, claimed);
   det.blocks.sort((a, b) => Math.max(...a.nodes.map((n) => n.index)) - Math.max(...b.nodes.map((n) => n.index)));
 
   // ----- standalone Conv → BN -------------------------------------------------------------------
@@ -571,5 +595,206 @@ export function guessFamily(nodes: OnnxNode[], leaves: Leaf[], postBN: boolean, 
     scaled: convs.some((l) => l.mul),
     asym: convs.some((l) => new Set(l.kernel).size > 1),
     depthwise: groups > 1 && groups === cin && cin === cout,
+  });
+}
+
+// ----- linear regions and BN → Gemm folds -----------------------------------------------------
+
+/**
+ * Regions between one tensor and another made only of linear ops (see region.ts) that the plain
+ * detector could not express as one block: DBB's avg-pool and 1×1→k×k branches, RepMixer,
+ * RepCPE, post-add BNs, YOLOv7's implicit add/multiply. A region that exactly covers plain blocks
+ * keeps them (their exact fusion is faster); one that contains plain blocks replaces them.
+ */
+function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, claimed: Set<OnnxNode>): void {
+  const consts = new ConstFolder(model, index);
+  const owner = new Map<OnnxNode, OnnxBlock>();
+  for (const b of det.blocks) for (const n of b.nodes) owner.set(n, b);
+  for (const cand of findRegions(model, index, consts, new Set())) {
+    const data = new Set(cand.data);
+    const inside = new Set<OnnxBlock>();
+    for (const n of cand.data) {
+      const b = owner.get(n);
+      if (b) inside.add(b);
+    }
+    if ([...inside].some((b) => b.nodes.some((n) => !data.has(n)))) continue; // overlaps a block partly
+    const covered = [...inside].reduce((a, b) => a + b.nodes.length, 0);
+    if (covered === cand.data.length) continue; // exactly plain blocks
+    if (cand.data.some((n) => claimed.has(n) && !owner.has(n))) continue;
+    const names = cand.data.map((n) => n.name);
+    const name = commonScopeName(names) ?? cand.y;
+    const parts = cand.data.map((n) => n.name || n.outputs[0]);
+    // The plain detector's reason for the same nodes is the more specific one: one entry per candidate.
+    const reject = (reason: string) => {
+      const ps = new Set(parts);
+      // A region around plain blocks that stay fused (a residual x + block(x)) is no near miss.
+      if (inside.size) return;
+      if (!det.rejected.some((rj) => rj.parts.some((p) => ps.has(p)))) det.rejected.push({ name, reason, parts });
+    };
+    let fused;
+    try {
+      fused = fuseRegion(cand, consts, index);
+    } catch (e) {
+      if (!(e instanceof RegionReject)) throw e;
+      reject(`linear region from '${cand.x}' to '${cand.y}': ${e.message}`);
+      continue;
+    }
+    const convWeights = cand.data.filter((n) => n.opType === 'Conv').reduce((a, n) => a + (consts.value(n.inputs[1])?.data.length ?? 0), 0);
+    if (convWeights > 0 && fused.weight.length > convWeights) {
+      reject(`linear region from '${cand.x}' to '${cand.y}' equals one ${fused.shape.slice(2).join('×')} convolution, but it would have ${fused.weight.length} weights where the region's convolutions have ${convWeights}; left as it is.`);
+      continue;
+    }
+    for (const b of inside) det.blocks.splice(det.blocks.indexOf(b), 1);
+    for (const n of cand.data) claimed.add(n);
+    // Near misses of the plain detector inside the region are resolved by it.
+    const partNames = new Set(parts);
+    det.rejected = det.rejected.filter((rj) => !rj.parts.length || !rj.parts.every((p) => partNames.has(p)));
+    const [cout, ipg, ...kernel] = fused.shape;
+    const stride = fused.stride;
+    const dtype = regionDtype(cand, model);
+    const info: BlockInfo = {
+      name,
+      family: regionFamily(names.join(' ')),
+      kernel,
+      stride,
+      groups: fused.groups,
+      inChannels: fused.inChannels,
+      outChannels: cout,
+      branches: regionBranches(cand.x, cand.y, cand.data, index),
+      activation: activationOf(index, cand.y),
+      output: cand.y,
+      paramsBefore: fused.paramsBefore,
+      paramsAfter: fused.weight.length + cout,
+    };
+    det.blocks.push({
+      info,
+      x: cand.x,
+      output: cand.y,
+      leaves: [],
+      nodes: cand.data,
+      dtype,
+      kernel,
+      stride,
+      groups: fused.groups,
+      inPerGroup: ipg,
+      outChannels: cout,
+      template: cand.data.find((n) => n.opType === 'Conv') ?? cand.data[0],
+      zeros: [],
+      fused: { op: 'Conv', weight: fused.weight, weightDims: fused.shape, bias: fused.bias, pads: fused.pads, what: `linear region (${cand.data.length} ops)` },
+    });
+  }
+  for (const g of findGemmFolds(model, index, consts, claimed)) {
+    const name = commonScopeName([g.bn.name, g.gemm.name]) ?? (g.gemm.outputs[0] || g.bn.outputs[0]);
+    if ('reason' in g) {
+      det.notFolded.push({ name, reason: g.reason, parts: [g.bn.name, g.gemm.name] });
+      continue;
+    }
+    claimed.add(g.bn);
+    claimed.add(g.gemm);
+    const [K, N] = g.transB ? [g.weightDims[1], g.weightDims[0]] : g.weightDims;
+    det.blocks.push({
+      info: {
+        name,
+        family: 'BN + Linear',
+        kernel: [],
+        stride: [],
+        groups: 1,
+        inChannels: K,
+        outChannels: N,
+        branches: [{ kind: 'conv_bn', hasBias: !!g.gemm.inputs[2], hasBN: true, epsilon: attrFloat(g.bn, 'epsilon', 1e-5), epsilonSource: 'model', params: K * N + 5 * (g.where === 'before' ? K : N), parts: [g.bn.name || g.bn.outputs[0], g.gemm.name || g.gemm.outputs[0]] }],
+        activation: activationOf(index, g.y),
+        output: g.y,
+        paramsBefore: K * N + (g.gemm.inputs[2] ? N : 0) + 4 * (g.where === 'before' ? K : N),
+        paramsAfter: K * N + N,
+      },
+      x: g.x,
+      output: g.y,
+      leaves: [],
+      nodes: g.where === 'before' ? [g.bn, g.gemm] : [g.gemm, g.bn],
+      dtype: g.dtype,
+      kernel: [],
+      stride: [],
+      groups: 1,
+      inPerGroup: K,
+      outChannels: N,
+      template: g.gemm,
+      zeros: [],
+      fused: { op: 'Gemm', weight: g.weight, weightDims: g.weightDims, bias: g.bias, pads: [], transB: g.transB, alpha: g.alpha, what: `BatchNormalization ${nodeLabel(g.bn)} folded into ${nodeLabel(g.gemm)}` },
+    });
+  }
+}
+
+function activationOf(index: GraphIndex, out: string): string | undefined {
+  const c = index.consumersOf(out);
+  return c.length === 1 ? c[0].opType : undefined;
+}
+
+/** Family of a region, from the module names the exporter kept. */
+function regionFamily(names: string): string {
+  if (/dbb_|\/dbb\b/i.test(names)) return 'DBB';
+  if (/token_mixer|\/mixer\b|layer_scale/.test(names)) return 'FastViT RepMixer';
+  if (/\/pe\b|RepCPE|\/cpe\b/i.test(names)) return 'FastViT RepCPE';
+  if (/\bia\b|\bim\b|\/ia\.|\/im\./.test(names)) return 'YOLOv7 IDetect';
+  if (/rbr_avg|rbr_dense/.test(names)) return 'QARepVGGv2';
+  return 'linear region';
+}
+
+/** The branches of a region: the terms of its last sum, each described by the ops on its path. */
+function regionBranches(x: string, y: string, data: OnnxNode[], index: GraphIndex): BranchInfo[] {
+  const set = new Set(data);
+  // Walk back from y through single-input ops to the last sum of two or more region tensors.
+  let t = y;
+  let join: OnnxNode | undefined;
+  for (let guard = 0; guard < data.length + 1; guard++) {
+    const p = index.producer.get(t);
+    if (!p || !set.has(p)) break;
+    const ins = p.inputs.filter((i) => i === x || (index.producer.get(i) && set.has(index.producer.get(i)!)));
+    if (ins.length >= 2 && ['Add', 'Sum', 'Sub'].includes(p.opType)) {
+      join = p;
+      break;
+    }
+    if (ins.length !== 1) break;
+    t = ins[0];
+  }
+  const terms: string[] = [];
+  const collect = (n: OnnxNode) => {
+    for (const i of n.inputs) {
+      const p = index.producer.get(i);
+      if (p && set.has(p) && ['Add', 'Sum', 'Sub'].includes(p.opType) && index.consumersOf(i).length === 1 && p.inputs.filter((j) => j === x || (index.producer.get(j) && set.has(index.producer.get(j)!))).length >= 2) collect(p);
+      else if (i === x || (p && set.has(p))) terms.push(i);
+    }
+  };
+  if (join) collect(join);
+  else terms.push(y);
+  return terms.map((term) => {
+    const path: OnnxNode[] = [];
+    const stack = [term];
+    const seen = new Set<string>();
+    while (stack.length) {
+      const u = stack.pop()!;
+      if (u === x || seen.has(u)) continue;
+      seen.add(u);
+      const p = index.producer.get(u);
+      if (!p || !set.has(p)) continue;
+      path.push(p);
+      for (const i of p.inputs) if (i) stack.push(i);
+    }
+    const convs = path.filter((n) => n.opType === 'Conv');
+    const bns = path.filter((n) => n.opType === 'BatchNormalization');
+    const parts = path.filter((n) => n.opType !== 'Shape' && n.opType !== 'Constant').map((n) => n.name || n.outputs[0]).reverse();
+    if (term === x) return { kind: 'identity', hasBias: false, hasBN: false, params: 0, parts: [] };
+    if (!convs.length && bns.length === 1 && path.filter((n) => n.opType !== 'Identity').length === 1) return { kind: 'bn_identity', hasBias: false, hasBN: true, epsilon: attrFloat(bns[0], 'epsilon', 1e-5), epsilonSource: 'model', params: 0, parts };
+    const kernel = convs.length === 1 ? (attrInts(convs[0], 'kernel_shape') ?? undefined) : undefined;
+    return {
+      kind: bns.length ? 'conv_bn' : 'conv',
+      kernel,
+      hasBias: convs.some((n) => !!n.inputs[2]),
+      hasBN: bns.length > 0,
+      epsilon: bns[0] ? attrFloat(bns[0], 'epsilon', 1e-5) : undefined,
+      epsilonSource: bns.length ? 'model' : undefined,
+      scaled: path.some((n) => n.opType === 'Mul' || n.opType === 'Div'),
+      params: 0,
+      parts,
+    } satisfies BranchInfo;
   });
 }

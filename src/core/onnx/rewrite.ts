@@ -6,7 +6,7 @@ import { decodeNumbers, dtypeSize, encodeFloats, isFloatType, type NumArray } fr
 import { checkFinite, streamFusedWeight } from '../fusestream';
 import { type BNParams, type ConvTerm, type FuseSpec, type IdentityTerm, type PreparedFusion, prepareFusion, type WeightRows } from '../fusion';
 import type { ConstRef } from './graph';
-import { type BNRef, type Detection, isConvLeaf, type OnnxBlock, type OnnxFold } from './detect';
+import { type BNRef, type Detection, type FusedOp, isConvLeaf, type OnnxBlock, type OnnxFold } from './detect';
 import { numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
 import { emptyPlan, type NewTensor, type Plan } from './writer';
 
@@ -67,6 +67,17 @@ function bnParams(model: OnnxModel, bn: BNRef): BNParams {
 
 /** The fusion terms of a block, read from the model (float16/bfloat16 widened exactly). */
 export function blockTerms(model: OnnxModel, block: OnnxBlock): (ConvTerm | IdentityTerm)[] {
+  const f = block.fused;
+  if (f) {
+    // Statistics of a region show the one conv it equals ([out, in] for a Gemm).
+    let weight = f.weight;
+    if (f.op === 'Gemm' && !f.transB) {
+      const [k, n] = f.weightDims;
+      weight = new Float64Array(k * n);
+      for (let i = 0; i < k; i++) for (let j = 0; j < n; j++) weight[j * k + i] = f.weight[i * n + j];
+    }
+    return [{ kind: 'conv', weight, kernel: block.kernel, bias: f.bias }];
+  }
   return block.leaves.map((leaf) => {
     if (!isConvLeaf(leaf)) return { kind: 'identity', bn: leaf.bn ? bnParams(model, leaf.bn) : undefined };
     return {
@@ -125,6 +136,12 @@ function lazyPair(names: [string, string], dtype: number, shape: number[], spec:
 
 const INTS = onnx.AttributeProto.AttributeType.INTS;
 const INT = onnx.AttributeProto.AttributeType.INT;
+const FLOAT = onnx.AttributeProto.AttributeType.FLOAT;
+
+function checked(v: Float64Array, what: string): Float64Array {
+  checkFinite(v, what);
+  return v;
+}
 
 export interface RewriteResult {
   plan: Plan;
@@ -166,13 +183,51 @@ export function planRewrite(model: OnnxModel, det: Detection): RewriteResult {
     } else plan.appendInitializers.push(...tensors);
     constRefs.push(...refs);
     for (const t of tensors) paramsAdded += numelOf(t.dims);
-    newNodes.push({ index: -1, name: node.name ?? '', opType: 'Conv', domain: '', inputs: node.input ?? [], outputs: node.output ?? [], attrs: new Map(), outerRefs: [] });
+    newNodes.push({ index: -1, name: node.name ?? '', opType: node.opType ?? 'Conv', domain: '', inputs: node.input ?? [], outputs: node.output ?? [], attrs: new Map(), outerRefs: [] });
     for (const o of node.output ?? []) produced.add(o);
   };
 
   const bnRefs = (bn: BNRef | undefined): ConstRef[] => (bn ? [bn.scale, bn.bias, bn.mean, bn.variance] : []);
 
+  /** A region (or BN → Gemm fold) whose replacement was computed at detection: one node, rounded once. */
+  const placeFused = (b: OnnxBlock, f: FusedOp) => {
+    const base = b.info.name;
+    const names: [string, string] = [unique(`${base}.fused.weight`), unique(`${base}.fused.bias`)];
+    const tensors: NewTensor[] = [
+      { name: names[0], dtype: b.dtype, dims: f.weightDims, write: (sink) => sink(encodeFloats(checked(f.weight, `${base}: the fused weight`), b.dtype)) },
+      { name: names[1], dtype: b.dtype, dims: [f.bias.length], write: (sink) => sink(encodeFloats(checked(f.bias, `${base}: the fused bias`), b.dtype)) },
+    ];
+    const k = f.weightDims.slice(2);
+    const attribute: onnx.IAttributeProto[] =
+      f.op === 'Conv'
+        ? [
+            { name: 'dilations', type: INTS, ints: k.map(() => 1) },
+            { name: 'group', type: INT, i: b.groups },
+            { name: 'kernel_shape', type: INTS, ints: k },
+            { name: 'pads', type: INTS, ints: f.pads },
+            { name: 'strides', type: INTS, ints: b.stride },
+          ]
+        : [
+            { name: 'alpha', type: FLOAT, f: f.alpha ?? 1 },
+            { name: 'beta', type: FLOAT, f: 1 },
+            { name: 'transB', type: INT, i: f.transB ?? 0 },
+          ];
+    // Constants the removed nodes read (initializers, Constant/Identity carriers) go if nothing else reads them.
+    const refs: ConstRef[] = [];
+    for (const n of b.nodes) for (const i of n.inputs.slice(1)) {
+      const r = i ? index.constant(i) : undefined;
+      if (r) refs.push(r);
+    }
+    place(b.nodes, { name: unique(`${base}/fused/${f.op}`), opType: f.op, input: [b.x, names[0], names[1]], output: [b.output], attribute, docString: `RepFuse: ${f.what} of '${base}' fused into one ${f.op}.` }, tensors, refs);
+    regionRemoved.push(...b.nodes);
+  };
+  const regionRemoved: OnnxNode[] = [];
+
   for (const b of det.blocks) {
+    if (b.fused) {
+      placeFused(b, b.fused);
+      continue;
+    }
     const base = b.info.name;
     const shape = [b.outChannels, b.inPerGroup, ...b.kernel];
     const names: [string, string] = [unique(`${base}.fused.weight`), unique(`${base}.fused.bias`)];
@@ -242,10 +297,26 @@ export function planRewrite(model: OnnxModel, det: Detection): RewriteResult {
       }
     }
   }
-  for (const r of constRefs) {
-    if (r.initializer && !plan.removeInitializers.has(r.initializer) && !stillRead(r.initializer)) {
-      plan.removeInitializers.add(r.initializer);
+  // Regions also leave shape arithmetic and constant subgraphs (DBB's padding, OREPA's kernels)
+  // that only they read: remove every node that fed a removed node and is no longer read.
+  const frontier: OnnxNode[] = [...regionRemoved];
+  const deadInits = new Set<string>();
+  while (frontier.length) {
+    const n = frontier.pop()!;
+    for (const i of n.inputs) {
+      if (!i) continue;
+      if (graph.initializers.has(i) && !index.producer.has(i)) deadInits.add(i);
+      const p = index.producer.get(i);
+      if (!p || removed(p) || p.outerRefs.length) continue;
+      if (p.outputs.every((o) => !o || !stillRead(o))) {
+        plan.removeNodes.add(p.index);
+        frontier.push(p);
+      }
     }
+  }
+  for (const r of constRefs) if (r.initializer) deadInits.add(r.initializer);
+  for (const name of deadInits) {
+    if (!plan.removeInitializers.has(name) && !stillRead(name)) plan.removeInitializers.add(name);
   }
   // Tensors that no longer exist (their value_info and graph-input entries go too).
   for (const i of plan.removeNodes) for (const o of graph.nodes[i].outputs) if (o && !produced.has(o)) plan.removedTensors.add(o);
