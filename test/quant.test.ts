@@ -12,7 +12,9 @@ import * as path from 'node:path';
 import {
   channelLayout, fakeQuantInt8, fp16Hazards, int8SqnrDb, median, type QuantReport, rangeImbalance, roundHalfEven, sqnrDb,
 } from '../src/core/quant';
-import { defaultFuseOptions, fuse } from '../src/engine';
+import { blockQuantDetail } from '../src/core/quant';
+import { defaultFuseOptions, fuse, openModel } from '../src/engine';
+import { quantView } from '../src/extension/view/quantView';
 import { analyzeQuant, defaultQuantOptions } from '../src/validate/quantHost';
 import { cliPath, makeTmp, repoRoot, rmTmp } from './helpers/paths';
 
@@ -207,6 +209,45 @@ describe('planted findings', () => {
       assert.deepEqual(fc.fp16, { overflow: manifest.hazards.overflow.fc, subnormal: manifest.hazards.subnormal.fc });
       assert.deepEqual(q.fp16, { overflow: 2, subnormal: 5, tensors: ['conv.weight', 'fc.weight'] });
       assert.equal(q.blocks.length, 0);
+    }
+  });
+});
+
+describe('views', () => {
+  test('model editor Quantization section: worst first, fallback marked and copyable, FP16 rows', async () => {
+    const q = await analyzeQuant(path.join(QDIR, 'blocks_sd.pt'), defaultQuantOptions);
+    const v = quantView(q);
+    assert.deepEqual(v.rows.map((r) => r.name), ['outl', 'qa', 'rep']);
+    assert.deepEqual(v.rows.map((r) => r.fallback), [true, false, false]);
+    assert.equal(v.fallbackText, 'outl');
+    assert.match(v.rows[2].gainFlag, /bn\(x\) BN gain/);
+    assert.deepEqual(v.fp16.rows.map((r) => r.name).sort(), q.fp16.tensors.slice().sort());
+    assert.match(v.measuredOn, /each block alone/);
+    const h = quantView(await analyzeQuant(path.join(QDIR, 'hazards.onnx'), defaultQuantOptions));
+    assert.deepEqual(h.fp16.rows, [{ name: 'conv.weight', overflow: 2, subnormal: 3 }, { name: 'fc.weight', overflow: 0, subnormal: 2 }]);
+    assert.match(h.fp16.summary, /^2 value\(s\) overflow FP16/);
+  });
+
+  test('branch statistics detail: channel ranges before and after fusion, gains', () => {
+    const m = openModel(path.join(QDIR, 'blocks_bn.onnx'), { foldBN: true });
+    try {
+      const data = m.blockData('rep');
+      const d = blockQuantDetail(data);
+      assert.deepEqual(d.branches.map((b) => b.label), data.branches.map((b) => b.label));
+      // The identity branch's contribution is its BN gain on the kernel centre: its range is |γ/√(σ²+ε)|.
+      const id = data.branches.findIndex((b) => b.kind === 'bn_identity');
+      const bn = data.branches[id].bn!;
+      d.branches[id].ranges.forEach((r, c) => close(r, Math.abs(bn.gamma[c] / Math.sqrt(bn.variance[c] + bn.eps)), 1e-12, `channel ${c}`));
+      const layout = channelLayout(data.fused.shape, 0);
+      for (let c = 0; c < layout.channels; c++) {
+        let r = 0;
+        for (let i = c * layout.inner; i < (c + 1) * layout.inner; i++) r = Math.max(r, Math.abs(data.fused.weight[i]));
+        assert.equal(d.fused.ranges[c], r);
+      }
+      assert.ok(d.gains.flag);
+      assert.equal(blockQuantDetail(m.blockData('qa')).gains.flag, null);
+    } finally {
+      m.close();
     }
   });
 });

@@ -4,6 +4,7 @@
 import './lib/elements';
 import type { BlockChoice, BranchStatsFromWebview, BranchStatsState, BranchStatsToWebview, WeightMode } from '../src/extension/protocol';
 import type { BlockStats, BNStats, TensorStats } from '../src/core/stats';
+import type { BlockQuantDetail } from '../src/core/quant';
 import { fmtCount, fmtNum, pct } from '../src/extension/view/format';
 import { applyTheme, channelChart, currentTheme, destroyCharts, heatmapChart, histogramChart, shareChart } from './lib/charts';
 import { h, mount, table } from './lib/dom';
@@ -16,6 +17,8 @@ let state: BranchStatsState | undefined = host.state();
 let blocks: BlockChoice[] = [];
 let fileName = '';
 let current: BlockStats | undefined;
+/** INT8/FP16 detail of the block on screen (asked after its statistics, so they show first). */
+let currentQuant: BlockQuantDetail | undefined;
 let seq = 0;
 
 function save(): void {
@@ -34,12 +37,57 @@ async function show(block: string): Promise<void> {
     const stats = await host.requests.request('blockStats', { block });
     if (mine !== seq) return; // a newer block was chosen meanwhile
     current = stats;
+    currentQuant = undefined;
     render();
+    void loadQuant(block, mine);
   } catch (err) {
     if (mine !== seq) return;
     current = undefined;
     mount(app, header(), h('div', { class: 'center-state error-state', role: 'alert' }, h('vscode-icon', { name: 'error', size: 32 }), h('p', { class: 'message' }, (err as Error).message)));
   }
+}
+
+async function loadQuant(block: string, mine: number): Promise<void> {
+  try {
+    const q = await host.requests.request('blockQuant', { block });
+    if (mine !== seq) return;
+    currentQuant = q;
+    renderQuant();
+  } catch (err) {
+    if (mine !== seq) return;
+    document.getElementById('quant-section')?.replaceChildren(h('p', { class: 'message error', role: 'alert' }, (err as Error).message));
+  }
+}
+
+const dbText = (v: number | null): string => (v === null ? 'exact (no error)' : `${v.toFixed(1)} dB`);
+
+/** The block's quantization numbers: per-channel ranges before and after fusion, branch BN gains. */
+function renderQuant(): void {
+  const box = document.getElementById('quant-section');
+  const q = currentQuant;
+  if (!box || !q) return;
+  const th = currentTheme();
+  const color = (i: number) => th.series[i % th.series.length];
+  const chart = canvas('Per-output-channel max |w|: each branch before fusion, and the fused kernel', 'chart');
+  const f = q.fused;
+  const gains = table(
+    ['branch', 'BN', 'median |γ/√(σ²+ε)|', 'max |γ/√(σ²+ε)|'],
+    [
+      ...q.gains.branches.map((g) => [g.branch, g.bn ? 'yes' : 'no', g.median === null ? '—' : fmtNum(g.median), g.max === null ? '—' : fmtNum(g.max)]),
+      ...(q.gains.postBN ? [['post-add BN', 'yes', fmtNum(q.gains.postBN.median), fmtNum(q.gains.postBN.max)]] : []),
+    ],
+    { numeric: [2, 3] },
+  );
+  mount(
+    box,
+    h('p', null, `Fused kernel under INT8: weight SQNR ${dbText(f.perTensorSqnrDb)} per tensor, ${dbText(f.perChannelSqnrDb)} per channel · channel range max/median ${f.rangeImbalance === null ? '—' : fmtNum(f.rangeImbalance) + '×'} · FP16: ${f.fp16.overflow} overflow, ${f.fp16.subnormal} subnormal.`),
+    q.gains.flag
+      ? h('p', { class: 'warn', role: 'alert' }, h('vscode-icon', { name: 'warning' }), ` ${q.gains.flag}. A smaller branch's BN gain ≥ ${q.gainFlagRatio}× the k×k branch's sets the fused kernel's range: per-tensor INT8 loses the rest (QARepVGG).`)
+      : h('p', { class: 'muted small' }, `No branch BN gain dwarfs the k×k branch's (flag at ≥ ${q.gainFlagRatio}×, median or max; only branches with their own BN are compared).`),
+    h('div', { class: 'two-col' }, h('div', null, chart.box), h('div', null, gains)),
+    q.postBN ? h('p', { class: 'muted small' }, 'Branch ranges are before the post-add BatchNorm; the fused kernel includes it.') : null,
+  );
+  channelChart(chart.canvas, [...q.branches.map((b, i) => ({ label: `${b.label} (before)`, values: b.ranges, color: color(i) })), { label: 'fused', values: f.ranges, color: th.fused, dashed: true }], 'max |w|');
 }
 
 function header(): HTMLElement {
@@ -203,7 +251,9 @@ function render(): void {
     ),
     section(mode === 'raw' ? 'Per-output-channel L2 norm (raw weights)' : 'Per-output-channel L2 norm (contribution to the fused kernel)', l2.box),
     bnList.length ? section('BatchNorm parameters', h('div', { class: 'card-grid wide' }, bnList.map((x) => bnCharts(x.title, x.bn, th.series)))) : null,
+    section('Quantization (INT8 / FP16)', h('div', { id: 'quant-section' }, h('p', { class: 'muted' }, 'Computing…'))),
   );
+  renderQuant();
 
   shareChart(shares.canvas, labels, [
     { label: 'energy share', values: st.branches.map((b) => b.energyShare), colors: st.branches.map((_, i) => color(i)) },

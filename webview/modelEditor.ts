@@ -1,7 +1,7 @@
 // The model editor page: parse progress, then the model's facts, blocks (selectable, synced with
 // the RepConv Blocks tree), rejected candidates, folds and the op table.
 import './lib/elements';
-import type { ModelEditorFromWebview, ModelEditorState, ModelEditorToWebview } from '../src/extension/protocol';
+import type { ModelEditorFromWebview, ModelEditorState, ModelEditorToWebview, QuantState } from '../src/extension/protocol';
 import type { ModelView } from '../src/extension/view/modelView';
 import { type Children, h, mount, table } from './lib/dom';
 import { connect } from './lib/vscode';
@@ -12,6 +12,7 @@ let state: ModelEditorState = host.state() ?? {};
 let model: ModelView | undefined;
 let fileName = '';
 let busy = false;
+let quant: QuantState | undefined;
 
 function save(): void {
   host.saveState(state);
@@ -107,6 +108,57 @@ function onRowKey(e: KeyboardEvent, i: number): void {
   }
 }
 
+/** The Quantization section's body: a button until asked, then progress, the ranked blocks, FP16 hazards, the fallback list. */
+function quantBody(): HTMLElement {
+  const q = quant;
+  const run = (label: string) => button(label, 'pulse', () => host.post({ type: 'analyzeQuant' }), { secondary: true, id: 'quant-button', title: 'Fuse in memory, then measure each block under INT8 with onnxruntime (a child process)' });
+  if (!q) {
+    return h(
+      'div',
+      { id: 'quant-body' },
+      h('p', { class: 'muted' }, 'INT8 and FP16 readiness of the weights as Fuse would write them: per block, the output SQNR when only its fused weight is INT8 (per tensor, per channel), channel range imbalance, FP16 overflow/subnormal values, and the branch BN gains QARepVGG warns about.'),
+      run('Analyze Quantization'),
+    );
+  }
+  if (q.status === 'running') return h('div', { id: 'quant-body', class: 'inline-state', 'aria-busy': 'true' }, h('vscode-progress-ring', { 'aria-label': 'Analyzing quantization' }), h('span', null, q.message));
+  if (q.status === 'error') return h('div', { id: 'quant-body', role: 'alert' }, h('p', { class: 'message error' }, q.message), run('Try Again'));
+  const v = q.view;
+  const rows = v.rows.map((r) => [
+    h('span', { class: 'mono' }, r.name),
+    h('span', { class: r.fallback ? 'warn' : undefined }, r.perTensor),
+    r.perChannel,
+    r.weightSqnr,
+    r.imbalance,
+    h('span', { title: r.gainFlag || undefined }, r.verdict),
+  ]);
+  const copy = h('vscode-button', {
+    icon: 'copy',
+    secondary: true,
+    disabled: !v.fallback.length,
+    title: 'Copy the block names, one per line (e.g. for a mixed-precision config)',
+    onclick: () => host.post({ type: 'copy', text: v.fallbackText, what: `${v.fallback.length} fallback block name(s)` }),
+  }, 'Copy Fallback List');
+  return h(
+    'div',
+    { id: 'quant-body' },
+    h('p', { class: 'headline' }, v.headline),
+    h('p', { class: 'muted small' }, v.measuredOn),
+    v.rows.length ? table(['block (worst first)', 'output SQNR / tensor', 'output SQNR / channel', 'weight SQNR', 'channel range max/median', 'verdict'], rows, { class: 'quant', numeric: [1, 2, 3, 4] }) : null,
+    h('h3', null, 'FP16'),
+    h('p', null, v.fp16.summary),
+    v.fp16.rows.length ? table(['tensor', 'overflow', 'subnormal'], v.fp16.rows.map((r) => [h('span', { class: 'mono' }, r.name), h('span', { class: r.overflow ? 'warn' : undefined }, r.overflow), r.subnormal]), { numeric: [1, 2] }) : null,
+    h('h3', null, `Suggested fallback (per-tensor output SQNR < ${v.thresholdDb} dB, worst first)`),
+    v.fallback.length ? h('pre', { class: 'mono fallback', id: 'quant-fallback' }, v.fallbackText) : h('p', { class: 'muted' }, 'None: every block keeps its output SQNR with per-tensor INT8.'),
+    h('div', { class: 'actions' }, copy, run('Analyze Again')),
+    v.notes.length ? h('ul', { class: 'notes' }, v.notes.map((n) => h('li', null, h('vscode-icon', { name: 'info' }), ' ', n))) : null,
+  );
+}
+
+function updateQuant(): void {
+  const old = document.getElementById('quant-body');
+  if (old) old.replaceWith(quantBody());
+}
+
 function section(title: string, count: number | string, body: HTMLElement, open = true, id?: string): HTMLElement {
   return h('vscode-collapsible', { heading: title, description: String(count), open, id }, h('div', { class: 'section-body' }, body));
 }
@@ -138,6 +190,10 @@ function renderModel(m: ModelView): void {
   if (m.notFolded.length) {
     sections.push(section('Conv → BatchNormalization pairs left alone', m.notFolded.length, table(['pair', 'reason'], m.notFolded.map((r) => [h('span', { class: 'mono' }, r.name), r.reason])), false));
   }
+  if (m.blocks.length || m.folds.length || m.ops.length) {
+    const desc = quant?.status === 'done' ? `${quant.view.fallback.length} fallback` : '';
+    sections.push(section('Quantization', desc, quantBody(), true, 'quant'));
+  }
   if (m.ops.length) {
     const rows: Children[][] = m.ops.map((o) => [h('span', { class: 'mono' }, o.op), o.before, o.after, h('span', { class: o.delta.startsWith('−') ? 'good' : o.delta ? 'warn' : undefined }, o.delta)]);
     if (m.opsTotal) rows.push([h('strong', null, 'total'), h('strong', null, m.opsTotal.before), h('strong', null, m.opsTotal.after), '']);
@@ -166,6 +222,10 @@ host.onMessage((m) => {
       break;
     case 'select':
       selectRow(m.block, { scroll: true });
+      break;
+    case 'quant':
+      quant = m.quant;
+      updateQuant();
       break;
     case 'busy': {
       busy = m.busy;

@@ -354,3 +354,36 @@ export function renderQuant(r: QuantReport): string {
   for (const n of r.notes) lines.push(`note: ${n}`);
   return lines.join('\n');
 }
+
+/** One block's quantization detail for the branch statistics view (from its BlockData; no runtime). */
+export interface BlockQuantDetail {
+  block: string;
+  /** max |contribution[c]| per output channel of each branch (BN folded, zero-padded: before fusion). */
+  branches: { label: string; ranges: number[] }[];
+  /** The fused kernel (post-add BN included): ranges per channel, INT8 SQNR, imbalance, FP16 counts. */
+  fused: { ranges: number[]; perTensorSqnrDb: number | null; perChannelSqnrDb: number | null; rangeImbalance: number | null; fp16: Fp16Hazards };
+  gains: BlockGains;
+  /** The ratio above which a branch gain is flagged. */
+  gainFlagRatio: number;
+  /** True when a post-add BN scales the fused kernel after the branch sum (the branch ranges are before it). */
+  postBN: boolean;
+}
+
+export function blockQuantDetail(data: BlockData): BlockQuantDetail {
+  const f = data.fused;
+  const layout = channelLayout(f.shape, 0);
+  return {
+    block: data.block.name,
+    branches: data.branches.map((b) => ({ label: b.label, ranges: Array.from(channelRanges(b.contribution.weight, channelLayout(b.contribution.shape, 0))) })),
+    fused: {
+      ranges: Array.from(channelRanges(f.weight, layout)),
+      perTensorSqnrDb: int8SqnrDb(f.weight),
+      perChannelSqnrDb: int8SqnrDb(f.weight, layout),
+      rangeImbalance: rangeImbalance(channelRanges(f.weight, layout)),
+      fp16: fp16Hazards(f.weight),
+    },
+    gains: branchGains(data),
+    gainFlagRatio: GAIN_FLAG_RATIO,
+    postBN: !!data.postBN,
+  };
+}

@@ -94,6 +94,7 @@ export class BranchStatsPanel {
         break;
       case 'request':
         if (m.kind === 'blockStats') this.post(await answer(m, (p) => this.service.blockStats(this.uri, p.block)));
+        else if (m.kind === 'blockQuant') this.post(await answer(m, (p) => this.service.blockQuant(this.uri, p.block)));
         break;
     }
   }

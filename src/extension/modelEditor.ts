@@ -1,7 +1,8 @@
 // The read-only model editor (repfuse.modelEditor): opens instantly, parses in the model worker
 // with a progress indicator, then shows the model's facts, blocks, rejected candidates and ops.
 import * as vscode from 'vscode';
-import type { ModelEditorFromWebview, ModelEditorToWebview } from './protocol';
+import type { ModelEditorFromWebview, ModelEditorToWebview, QuantState } from './protocol';
+import { quantView } from './view/quantView';
 import type { ModelService } from './modelService';
 import { modelView } from './view/modelView';
 import { baseName, fmtBytes } from './view/format';
@@ -48,6 +49,8 @@ export class ModelEditorProvider implements vscode.CustomReadonlyEditorProvider<
   readonly onDidSelectBlock = this.blockSelected.event;
   private readonly disposables: vscode.Disposable[] = [this.activeChanged, this.blockSelected];
   private readonly busy = new Set<string>();
+  /** The Quantization section's state per model (asked for lazily: it runs onnxruntime). */
+  private readonly quants = new Map<string, QuantState>();
   /** The block last selected per model (editor list or tree), for commands without a block. */
   private readonly selected = new Map<string, string>();
 
@@ -145,6 +148,29 @@ export class ModelEditorProvider implements vscode.CustomReadonlyEditorProvider<
         this.selected.set(e.uri.toString(), m.block);
         this.blockSelected.fire({ uri: e.uri, block: m.block });
         break;
+      case 'analyzeQuant':
+        void this.analyzeQuant(e.uri);
+        break;
+      case 'copy':
+        void vscode.env.clipboard.writeText(m.text).then(() => vscode.window.setStatusBarMessage(`RepFuse: copied ${m.what}`, 3000));
+        break;
+    }
+  }
+
+  /** Runs the quantization analysis of a model once at a time; every editor of it shows the result. */
+  private async analyzeQuant(uri: vscode.Uri): Promise<void> {
+    const k = uri.toString();
+    if (this.quants.get(k)?.status === 'running') return;
+    const set = (quant: QuantState) => {
+      this.quants.set(k, quant);
+      for (const e of this.editors) if (e.uri.toString() === k) e.post({ type: 'quant', quant });
+    };
+    set({ status: 'running', message: 'Fusing in memory…' });
+    try {
+      const report = await this.service.quant(uri, { onProgress: (message) => set({ status: 'running', message }) });
+      set({ status: 'done', view: quantView(report) });
+    } catch (err) {
+      set({ status: 'error', message: (err as Error).message });
     }
   }
 
@@ -157,6 +183,8 @@ export class ModelEditorProvider implements vscode.CustomReadonlyEditorProvider<
     }
     e.post({ type: 'init', fileName: baseName(e.uri.path), fileSize: size, supportsFuse: true });
     if (this.busy.has(e.uri.toString())) e.post({ type: 'busy', busy: true });
+    const q = this.quants.get(e.uri.toString());
+    if (q) e.post({ type: 'quant', quant: q });
     const s = this.service.state(e.uri);
     if (s && s.status !== 'loading') {
       this.postState(e);

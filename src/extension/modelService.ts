@@ -9,6 +9,7 @@ import { readSettings } from './settings';
 import type { ModelState } from './view/treeItems';
 import type { FuseJobOptions } from './view/settings';
 import { ModelWorkerClient, type RequestOptions } from './worker/client';
+import type { BlockQuantDetail, QuantReport } from '../core/quant';
 
 /** The local path of a model URI; RepFuse does random-access reads, so only file: URIs work. */
 export function localPath(uri: vscode.Uri): string {
@@ -96,6 +97,29 @@ export class ModelService implements vscode.Disposable {
     const stats = await this.worker().request('blockStats', { file: localPath(uri), block, options: readSettings(uri).settings.inspect });
     this.log.debug(`branch statistics of ${block} in ${Date.now() - t0} ms`);
     return stats;
+  }
+
+  /** INT8/FP16 detail of one block for the branch statistics (the model is parsed first if needed). */
+  async blockQuant(uri: vscode.Uri, block: string): Promise<BlockQuantDetail> {
+    await this.load(uri);
+    return this.worker().request('blockQuant', { file: localPath(uri), block, options: readSettings(uri).settings.inspect });
+  }
+
+  /**
+   * The quantization report (`repfuse quant`), in a worker of its own like a fuse job: it fuses in
+   * memory and runs onnxruntime in a child process, so parsing other models is not stuck behind it.
+   */
+  async quant(uri: vscode.Uri, opts: RequestOptions = {}): Promise<QuantReport> {
+    const file = localPath(uri);
+    const job = new ModelWorkerClient(this.workerScript);
+    this.fuseJobs.add(job);
+    this.log.info(`quantization analysis of ${file}`);
+    try {
+      return await job.request('quant', { file, options: readSettings(uri).settings.inspect }, opts);
+    } finally {
+      this.fuseJobs.delete(job);
+      void job.dispose();
+    }
   }
 
   /** An editor (or the tree) uses the model; `release` when done. */

@@ -5,6 +5,8 @@
 // it shows with typed requests answered by id (the statistics view asks for one block at a time,
 // so a model with a thousand blocks is never serialised at once).
 import type { BlockStats } from '../core/stats';
+import type { BlockQuantDetail } from '../core/quant';
+import type { QuantView } from './view/quantView';
 import type { ModelView } from './view/modelView';
 import type { ReportView } from './view/reportView';
 
@@ -14,6 +16,8 @@ import type { ReportView } from './view/reportView';
 export interface WebviewRequests {
   /** Branch statistics of one block of the panel's model. */
   blockStats: { params: { block: string }; result: BlockStats };
+  /** INT8/FP16 detail of one block: per-channel ranges before and after fusion, branch BN gains. */
+  blockQuant: { params: { block: string }; result: BlockQuantDetail };
 }
 
 export type RequestKind = keyof WebviewRequests;
@@ -45,7 +49,12 @@ export type ModelEditorToWebview =
   /** Select (and scroll to) a block, e.g. because it was selected in the tree. */
   | { type: 'select'; block: string }
   /** A fuse job for this file started or ended. */
-  | { type: 'busy'; busy: boolean };
+  | { type: 'busy'; busy: boolean }
+  /** The Quantization section: analysis running (with progress), done, or failed. */
+  | { type: 'quant'; quant: QuantState };
+
+/** What the model editor's Quantization section shows. */
+export type QuantState = { status: 'running'; message: string } | { status: 'done'; view: QuantView } | { status: 'error'; message: string };
 
 export type ModelEditorFromWebview =
   /** Handshake: the webview's script is running and listening. */
@@ -57,7 +66,11 @@ export type ModelEditorFromWebview =
   /** The user selected a block in the editor's list: sync the tree. */
   | { type: 'selectBlock'; block: string }
   /** Parse the file again. */
-  | { type: 'reload' };
+  | { type: 'reload' }
+  /** Run the quantization analysis (lazily: it fuses in memory and runs onnxruntime). */
+  | { type: 'analyzeQuant' }
+  /** Copy text (the fallback list) to the clipboard. */
+  | { type: 'copy'; text: string; what: string };
 
 // ----- branch statistics -----------------------------------------------------------------------
 

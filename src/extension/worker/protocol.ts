@@ -3,6 +3,7 @@
 import type { InspectReport } from '../../core/model';
 import type { FuseReport } from '../../core/report';
 import type { BlockStats } from '../../core/stats';
+import type { BlockQuantDetail, QuantReport } from '../../core/quant';
 import type { FuseJobOptions, InspectOptions } from '../view/settings';
 
 /** Requests the worker answers, with parameters and results. */
@@ -13,6 +14,10 @@ export interface WorkerRequests {
   blockStats: { params: { file: string; block: string; options: InspectOptions }; result: BlockStats };
   /** Forget a model (its editor closed). */
   close: { params: { file: string }; result: null };
+  /** INT8/FP16 numbers of one block (its branch ranges before and after fusion, branch BN gains). */
+  blockQuant: { params: { file: string; block: string; options: InspectOptions }; result: BlockQuantDetail };
+  /** The quantization report (fused in memory, output SQNR measured in the onnxruntime child); sends `progress`. */
+  quant: { params: { file: string; options: InspectOptions }; result: QuantReport };
   /** Fuse a model into `options.output`; sends `progress` messages; cancel with `cancel`. */
   fuse: { params: { file: string; options: FuseJobOptions }; result: FuseReport };
 }
