@@ -5,6 +5,7 @@ Called by test/deploy-official.test.ts (Debian's PyTorch: run with /usr/bin/pyth
 
     deploy_check.py state_dict <fused.pt> <fixture_dir>
     deploy_check.py full_module <fused_full.pt> <fixture_dir>
+    deploy_check.py run_only <fused_full.pt> <fixture_dir>
 
 <fixture_dir> is one of test/fixtures/official/<family>/ (see /work/coord/FIXTURES.md): deploy_sd.pt,
 deploy_out_<i>.npy, input.npy, meta.json and, for YOLO families, deploy_full.pt (the officially
@@ -21,6 +22,8 @@ full_module  the rewritten checkpoint unpickles with only the stand-ins, and eve
              instance-bound methods (forward -> forward_fuse); then
              torch.load(out)['model'].float().eval()(x) reproduces deploy_full_out_<i>.npy
              (fp16 checkpoints: within fp16 rounding, 2e-3 * max|y|; fp32: 1e-5 * max|y|).
+run_only     only the last step of full_module: unpickle with the stand-ins, run, compare
+             (for outputs that are not meant to look like deploy_full.pt, e.g. --no-fold-bn).
 
 Prints exactly one JSON line; exit 0 ok, 1 wrong, 2 could not run.
 """
@@ -163,6 +166,23 @@ def describe(m):
     }
 
 
+def run_only(path, fixture):
+    import torch
+
+    meta = setup(fixture)
+    ck = torch.load(path, map_location="cpu")
+    m = ck["model"] if isinstance(ck, dict) else ck
+    fp16 = any(p.dtype == torch.float16 for p in m.parameters())
+    prefix = "deploy_full_out" if os.path.exists(os.path.join(fixture, "deploy_full_out_0.npy")) else "deploy_out"
+    out = compare_outputs(m.float().eval(), fixture, prefix, 2e-3 if fp16 else 1e-5)
+    res = {"family": meta.get("family"), "fp16": fp16}
+    if "error" in out:
+        emit(False, stage="run", error=out["error"], **res)
+    if out["bad"]:
+        emit(False, stage="run", error=f"outputs differ: {out['bad']}", outputs=out["outputs"], **res)
+    emit(True, outputs=out["outputs"], **res)
+
+
 def full_module(path, fixture):
     import torch
 
@@ -211,7 +231,8 @@ def full_module(path, fixture):
 
 
 def main():
-    if len(sys.argv) != 4 or sys.argv[1] not in ("state_dict", "full_module"):
+    modes = {"state_dict": state_dict, "full_module": full_module, "run_only": run_only}
+    if len(sys.argv) != 4 or sys.argv[1] not in modes:
         print(json.dumps({"ok": False, "stage": "usage", "error": __doc__.strip().splitlines()[0]}))
         sys.exit(2)
     mode, path, fixture = sys.argv[1:]
@@ -221,7 +242,7 @@ def main():
         print(json.dumps({"ok": False, "stage": "setup", "error": f"import torch: {e}"}))
         sys.exit(2)
     try:
-        (state_dict if mode == "state_dict" else full_module)(path, fixture)
+        modes[mode](path, fixture)
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001

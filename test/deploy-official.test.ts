@@ -1,0 +1,164 @@
+// Deploy forms against the official code: every fixture in test/fixtures/official/ (made by each
+// family's own repo, see /work/coord/FIXTURES.md) is fused by RepFuse and judged by PyTorch
+// (test/interop/deploy_check.py, Debian's python3-torch):
+//  * the state_dict output has exactly the keys, shapes and dtypes of the official deploy_sd.pt and
+//    its values (fp32, ≤ 1e-5·max|w| per tensor); where the official deploy model exists as a full
+//    module (deploy_full.pt), it loads the output with strict=True and reproduces deploy_out_*.npy
+//    (≤ 1e-5·max|y|);
+//  * the rewritten full-module checkpoint unpickles with only the stand-ins on sys.path, every module
+//    ends exactly as the official conversion leaves it (class, children, parameters with dtype and
+//    requires_grad, buffers, flags, None slots, `forward` bound to forward_fuse/fuseforward), and
+//    torch.load(out)['model'].float().eval()(x) reproduces deploy_full_out_*.npy (fp16 checkpoints:
+//    ≤ 2e-3·max|y|, fp16 rounding);
+//  * --no-fold-bn keeps the plain Conv+BN of a YOLO checkpoint, and the output still runs.
+// Without PyTorch these tests FAIL (they do not skip).
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { analyzeCheckpoint } from '../src/core/checkpoint';
+import { walk } from '../src/core/checkpoint/tree';
+import { defaultFuseOptions, fuse, type FuseOptions } from '../src/engine';
+import { makeTmp, repoRoot, rmTmp } from './helpers/paths';
+
+const PYTHON = process.env.REPFUSE_TEST_PYTHON || '/usr/bin/python3';
+const CHECK = path.join(repoRoot, 'test', 'interop', 'deploy_check.py');
+const OFFICIAL = path.join(repoRoot, 'test', 'fixtures', 'official');
+
+interface Meta {
+  family: string;
+  repo: string;
+  convert: string;
+  fullModule?: string | null;
+  deployFullModule?: string | null;
+}
+
+/** Every official-code fixture folder with a deploy_sd.pt (the official conversion's state_dict). */
+const families = fs.existsSync(OFFICIAL)
+  ? fs
+      .readdirSync(OFFICIAL)
+      .filter((d) => fs.existsSync(path.join(OFFICIAL, d, 'meta.json')) && fs.existsSync(path.join(OFFICIAL, d, 'deploy_sd.pt')) && fs.existsSync(path.join(OFFICIAL, d, 'train_sd.pt')))
+      .sort()
+  : [];
+const meta = (d: string): Meta => JSON.parse(fs.readFileSync(path.join(OFFICIAL, d, 'meta.json'), 'utf8'));
+const hasFull = (d: string) => fs.existsSync(path.join(OFFICIAL, d, 'train_full.pt')) && fs.existsSync(path.join(OFFICIAL, d, 'deploy_full.pt'));
+
+let tmp: string;
+before(() => {
+  tmp = makeTmp();
+});
+after(() => rmTmp(tmp));
+
+interface Check {
+  code: number;
+  json: Record<string, unknown>;
+  stderr: string;
+}
+
+function check(...args: string[]): Promise<Check> {
+  return new Promise((resolve) => {
+    execFile(PYTHON, [CHECK, ...args], { cwd: repoRoot, maxBuffer: 64 << 20, timeout: 300_000 }, (err, stdout, stderr) => {
+      const code = err ? ((err as { code?: number }).code ?? -1) : 0;
+      let json: Record<string, unknown>;
+      try {
+        json = JSON.parse(stdout.trim().split('\n').pop() ?? '');
+      } catch {
+        json = { ok: false, error: `no JSON on stdout (${String(err?.message ?? '')}): ${stdout.slice(0, 400)} ${stderr.slice(-800)}` };
+      }
+      resolve({ code: typeof code === 'number' ? code : -1, json, stderr });
+    });
+  });
+}
+
+function passed(r: Check, what: string): Record<string, unknown> {
+  const j = r.json;
+  const detail = [j.missing, j.unexpected, j.wrong, j.diffs].filter((x) => Array.isArray(x) && x.length).map((x) => JSON.stringify((x as unknown[]).slice(0, 8)));
+  assert.equal(r.code, 0, `${what}: deploy_check.py exit ${r.code} at stage '${String(j.stage)}': ${String(j.error ?? '')} ${detail.join(' ')}`);
+  assert.equal(j.ok, true);
+  return j;
+}
+
+async function fuseTo(input: string, output: string, opts: Partial<FuseOptions>): Promise<void> {
+  const r = await fuse(input, { ...defaultFuseOptions, validate: false, output, ...opts });
+  assert.ok(r.output, `nothing written (${r.validationSkipped})`);
+}
+
+test('the official-code fixtures and PyTorch are there (/usr/bin/python3 with torch)', () => {
+  assert.ok(fs.existsSync(CHECK));
+  for (const f of ['repvgg', 'mobileone', 'repvit', 'yolov6_repvgg', 'yolov7', 'yolov9_gelan', 'ultralytics_rtdetr']) assert.ok(families.includes(f), `fixture ${f}`);
+});
+
+describe('state_dict outputs = the official deploy state_dict (keys, shapes, values), strict load where the deploy model exists', { concurrency: 2 }, () => {
+  for (const fam of families) {
+    test(`${fam} (${meta(fam).repo}: ${meta(fam).convert.slice(0, 90)})`, async () => {
+      const out = path.join(tmp, `${fam}.sd.pt`);
+      // The official deploy state_dicts of YOLO repos come after their whole-model fuse: --fold-bn.
+      await fuseTo(path.join(OFFICIAL, fam, 'train_sd.pt'), out, { checkpointFoldBN: true });
+      const j = passed(await check('state_dict', out, path.join(OFFICIAL, fam)), fam);
+      assert.ok((j.worst_rel as number) <= 1e-5);
+      if (hasFull(fam)) assert.equal(j.strict, true, 'loaded strict into the official deploy model');
+    });
+  }
+});
+
+describe('full-module checkpoints: the module objects end as the official conversion leaves them, and run', { concurrency: 2 }, () => {
+  for (const fam of families.filter(hasFull)) {
+    test(`${fam}: torch.load(out)['model'].float().eval()(x) with only the stand-ins on sys.path`, async () => {
+      const out = path.join(tmp, `${fam}.full.pt`);
+      // Defaults: module objects kept, Conv+BN folded (a full-module YOLO checkpoint).
+      const r = await fuse(path.join(OFFICIAL, fam, 'train_full.pt'), { ...defaultFuseOptions, validate: false, output: out });
+      assert.ok(r.output);
+      assert.ok(r.bnFolded > 0, 'the official Model.fuse() folds plain Conv+BN; so does the default');
+      assert.equal(r.inspect.folds.length, r.bnFolded);
+      assert.ok(r.inspect.model.notes.some((n) => /folded/.test(n)), 'the report says what was folded');
+      const j = passed(await check('full_module', out, path.join(OFFICIAL, fam)), fam);
+      assert.equal(j.ndiffs, 0);
+    });
+  }
+});
+
+describe('--no-fold-bn keeps plain Conv+BN', () => {
+  test('yolov7 full module: blocks in deploy form, every Conv keeps conv+bn and its class forward', async () => {
+    const fam = 'yolov7';
+    const out = path.join(tmp, 'yolov7.nofold.pt');
+    const r = await fuse(path.join(OFFICIAL, fam, 'train_full.pt'), { ...defaultFuseOptions, validate: false, output: out, checkpointFoldBN: false });
+    assert.equal(r.bnFolded, 0);
+    assert.deepEqual(r.inspect.folds, []);
+    const a = analyzeCheckpoint(out);
+    try {
+      assert.equal(a.report.blocks.length, 0, 'no block left in training form');
+      const convs = [...walk(a.primary.tree)].filter((n) => n.className === 'models.common.Conv');
+      assert.ok(convs.length > 10);
+      for (const n of convs) assert.ok(n.children.has('bn'), `${n.path} keeps its bn`);
+      const forwardAttrs = (a.primary.module!.state as { get(k: string): unknown }).get('forward');
+      assert.equal(forwardAttrs, undefined);
+    } finally {
+      a.close();
+    }
+    // And it runs, equal to the official deploy model (Conv+BN unfolded computes the same).
+    const j = passed(await check('run_only', out, path.join(OFFICIAL, fam)), 'yolov7 --no-fold-bn');
+    assert.ok((j.outputs as unknown[]).length >= 1);
+  });
+
+  test('a state_dict of a YOLO family is not folded by default (its deploy model has Conv+BN until Model.fuse())', async () => {
+    const out = path.join(tmp, 'yolov6.default.pt');
+    const r = await fuse(path.join(OFFICIAL, 'yolov6_repvgg', 'train_sd.pt'), { ...defaultFuseOptions, validate: false, output: out });
+    assert.equal(r.bnFolded, 0);
+    const a = analyzeCheckpoint(out);
+    try {
+      assert.ok([...a.primary.tensors.keys()].some((k) => /\.block\.bn\.running_var$/.test(k)), 'ConvModule BNs kept');
+    } finally {
+      a.close();
+    }
+  });
+
+  test('--fold-bn and --no-fold-bn are one-line usage errors together', async () => {
+    const { spawnSync } = await import('node:child_process');
+    const cli = path.join(repoRoot, 'dist', 'cli.js');
+    if (!fs.existsSync(cli)) assert.fail('dist/cli.js is missing: run node scripts/build.mjs');
+    const r = spawnSync(process.execPath, [cli, 'fuse', path.join(OFFICIAL, 'yolov7', 'train_sd.pt'), '--fold-bn', '--no-fold-bn', '-o', path.join(tmp, 'x.pt')], { encoding: 'utf8' });
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /--fold-bn and --no-fold-bn exclude each other/);
+  });
+});
