@@ -9,14 +9,18 @@ const lastSegment = (c: string | undefined) => (c ? c.slice(c.lastIndexOf('.') +
 
 /** YOLOv6's module names, anywhere in the file (`backbone.ERBlock_2`, `neck.Rep_p4`). */
 export const YOLOV6_PATHS = /ERBlock_|Rep_p\d|Rep_n\d|\bneck[./]Rep/;
+/** Where YOLOv6's EfficientRep backbone and RepPAN neck put their stride-2 blocks. */
+const YOLOV6_STRIDE2 = /(^|\.)(stem|downsample\d*)$|(^|\.)ERBlock_\d+\.0$/;
 
-const cache = new WeakMap<ModuleNode, MatchResult | null>();
+/** One result per node and detection run (the group's family files all ask for the same node). */
+const cache = new WeakMap<ModuleNode, { ctx: MatchContext; r: MatchResult | undefined }>();
 
 /** The `rbr_dense` group: returns the variant's result, or undefined when `n` is not such a block. */
 export function matchRbr(n: ModuleNode, ctx: MatchContext): MatchResult | undefined {
-  if (cache.has(n)) return cache.get(n) ?? undefined;
+  const hit = cache.get(n);
+  if (hit && hit.ctx === ctx) return hit.r;
   const r = matchRbrUncached(n, ctx);
-  cache.set(n, r ?? null);
+  cache.set(n, { ctx, r });
   return r;
 }
 
@@ -68,15 +72,22 @@ function matchRbrUncached(n: ModuleNode, ctx: MatchContext): MatchResult | undef
   }
   if ((family === 'qarepvgg' || family === 'qarepvggv2') && !n.className && !id) {
     // nn.Identity and nn.AvgPool2d have no tensors, so a bare state_dict cannot show them: QARepVGG
-    // has them exactly when the block keeps its width (and stride 1, which a state_dict cannot show
-    // either). The input width is read off the layer before the block.
+    // has them exactly when the block keeps its width and has stride 1, neither of which a
+    // state_dict stores. In YOLOv6's layout the stride-2 blocks sit at `stem`, `ERBlock_k.0` and
+    // `downsampleN` (EfficientRep / RepPAN).
     const w = dense.conv.weight.shape;
-    const cin = ctx.previousOutChannels(n) ?? w[1];
-    if (cin === w[0]) {
+    const yolov6 = YOLOV6_PATHS.test(ctx.allPaths);
+    const stride2 = yolov6 && YOLOV6_STRIDE2.test(n.path);
+    // Groups 1 and the same width in and out: the weight says it all. Otherwise (grouped blocks,
+    // or a block that widens) the input width comes from the layer before.
+    const cin = w[1] === w[0] ? w[1] : (ctx.previousOutChannels(n) ?? w[1]);
+    const what = family === 'qarepvggv2' ? `identity and ${fmt(dense.conv.kernel)} avg-pool (count_include_pad) branches` : 'identity branch';
+    if (stride2) assumptions.push(`no ${what}: stride 2 assumed (YOLOv6 puts its stride-2 blocks at stem, ERBlock_k.0 and downsampleN)`);
+    else if (cin === w[0]) {
       branches.push({ kind: 'identity' });
       if (family === 'qarepvggv2') branches.push({ kind: 'avgpool', pool: { kernel: dense.conv.kernel } });
       assumptions.push(
-        `${family === 'qarepvggv2' ? `identity and ${fmt(dense.conv.kernel)} avg-pool (count_include_pad) branches` : 'identity branch'} inferred (they have no tensors): the layer before outputs ${cin} channels = the block's output, stride 1 assumed`,
+        `${what} inferred (they have no tensors): ${w[1] === w[0] ? `the weight takes ${cin} input channels (groups 1)` : `the layer before outputs ${cin} channels`} = the block's output, stride 1 assumed`,
       );
     }
   }
