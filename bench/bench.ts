@@ -4,6 +4,7 @@
 //   node out/bench/bench.js [--quick] [--check] [--profile] [--runs N] [--rss time|preload] [--keep]
 //
 //   --quick    skip the validated fuses (onnxruntime runs both models / every block; seconds to ~30 s)
+//              and the validation-overhead rounds (fuse, bare onnxruntime, validated fuse, N+1 times)
 //   --check    also load and run the generated ONNX model once in onnxruntime-node (slow), and load
 //              the fused .pt with PyTorch (`torch.load(weights_only=True)`, /usr/bin/python3)
 //   --profile  run `node --cpu-prof dist/cli.js fuse …` once per format and print the hottest functions
@@ -19,13 +20,14 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { generateRepVGG } from './gen-model';
 import { generateRepVGGCheckpoint } from './gen-torch';
-import { bench, type Command, CommandFailed, gnuTimeWorks, type RssMethod, type Stats, TIME_BIN } from './measure';
+import { bench, type Command, CommandFailed, gnuTimeWorks, median, type RssMethod, runOnce, type Stats, TIME_BIN } from './measure';
 import { renderProfile, summarizeProfile } from './profile';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const CLI = path.join(ROOT, 'dist', 'cli.js');
 const PRELOAD = path.join(__dirname, 'rss-preload.js');
 const ORT_CHECK = path.join(__dirname, 'ort-check.js');
+const ORT_BARE = path.join(__dirname, 'ort-bare.js');
 
 /** A minimal Node copy: what start-up plus streaming 200 MB through user space costs, no fsync. */
 const NODE_COPY = `const fs = require('fs'); const [src, dst] = process.argv.slice(1);
@@ -325,6 +327,45 @@ async function main(): Promise<number> {
         if (!val.passed) failures++;
       }
       fs.rmSync(path.join(tmp, 'validated.pt'), { force: true });
+
+      // ----- validation overhead: validated fuse against fuse + two bare onnxruntime sessions ------
+      // Each round runs the three commands back to back (1 warm-up round first), so load from
+      // elsewhere on the machine falls on all three alike; the ratio is taken per round.
+      log();
+      const bareCmd: Command = { label: 'bare onnxruntime: create+run original, then fused', exe: process.execPath, args: [ORT_BARE, model, out], node: true };
+      const fuseCmd: Command = { label: 'fuse .onnx --no-validate', exe: process.execPath, args: [CLI, 'fuse', model, '-o', out, '--no-validate', '--force'], node: true };
+      const valCmd: Command = { label: 'fuse .onnx (validated)', exe: process.execPath, args: [CLI, 'fuse', model, '-o', vOut, '--force'], node: true };
+      const rounds: { fuse: number; bare: number; validated: number; ratio: number; load: string }[] = [];
+      for (let i = 0; i <= runs; i++) {
+        process.stdout.write(i === 0 ? 'validation overhead: warm-up round … ' : `validation overhead: round ${i}/${runs} … `);
+        await new Promise((r) => setImmediate(r));
+        fresh(out)();
+        const f = runOnce(fuseCmd, method, tmp, PRELOAD).wallS;
+        spawnSync('sync');
+        const b = runOnce(bareCmd, method, tmp, PRELOAD).wallS;
+        fresh(vOut)();
+        const v = runOnce(valCmd, method, tmp, PRELOAD).wallS;
+        const r = { fuse: f, bare: b, validated: v, ratio: v / (f + b), load: load() };
+        log(`fuse ${f.toFixed(2)} s, bare ${b.toFixed(2)} s, validated ${v.toFixed(2)} s → ratio ${r.ratio.toFixed(2)} (load ${r.load})`);
+        if (i > 0) rounds.push(r);
+      }
+      fs.rmSync(vOut, { force: true });
+      const med = (k: 'fuse' | 'bare' | 'validated' | 'ratio') => median(rounds.map((r) => r[k]));
+      const ratio = med('ratio');
+      log();
+      log(
+        table(
+          [
+            ['command', `median of ${runs}`, 'min', 'target', 'verdict'],
+            [fuseCmd.label, `${med('fuse').toFixed(3)} s`, `${Math.min(...rounds.map((r) => r.fuse)).toFixed(3)} s`, '', ''],
+            [bareCmd.label, `${med('bare').toFixed(3)} s`, `${Math.min(...rounds.map((r) => r.bare)).toFixed(3)} s`, '', ''],
+            [valCmd.label, `${med('validated').toFixed(3)} s`, `${Math.min(...rounds.map((r) => r.validated)).toFixed(3)} s`, '', ''],
+            ['ratio validated / (fuse + bare), per round', ratio.toFixed(2), Math.min(...rounds.map((r) => r.ratio)).toFixed(2), '≤ 1.00', ratio <= 1 ? 'PASS' : 'MISS'],
+          ],
+          [false, true, true, false, false],
+        ),
+      );
+      log(`(the validated fuse also counts MACs of both graphs and compares ${'every output and block output'}; load average now ${load()})`);
     } else log('(validated fuses skipped: --quick)');
 
     // ----- optional CPU profile ---------------------------------------------------------------

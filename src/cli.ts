@@ -4,8 +4,10 @@ import { parseArgs } from 'node:util';
 import { oneLineError, RepFuseError } from './core/errors';
 import { parseShape } from './core/onnx/inputs';
 import { pendingTempFiles } from './core/atomic';
-import { renderFuse, renderInspect } from './core/report';
-import { defaultFuseOptions, fuse, inspect } from './engine';
+import { type FuseReport, renderFuse, renderInspect } from './core/report';
+import type { InspectReport } from './core/model';
+import { defaultFuseOptions, fuse, type FuseOptions, inspect } from './engine';
+import { expandModelArgs, renderBatchSummary, runBatch, worstExitCode } from './cliBatch';
 import { ValidationError } from './validate';
 import { DType } from './core/dtype';
 import { FAMILY_LIST } from './core/families';
@@ -16,10 +18,10 @@ import * as fs from 'node:fs';
 const USAGE = `repfuse — find and fuse structural re-parameterization blocks (RepVGG, YOLOv7 RepConv, MobileOne, ACNet, …)
 
 Usage:
-  repfuse inspect <model> [--json] [--no-fold-bn] [--eps 1e-3] [--family NAME]
+  repfuse inspect <model>... [--json] [--no-fold-bn] [--eps 1e-3] [--family NAME]
   repfuse quant <model> [--json] [--input name=1x3x640x640]... [--input-npy name=file.npy]...
                [--seed 0] [--threshold-db 30] [--timeout 300] [--no-fold-bn] [--eps 1e-3]
-  repfuse fuse <model> [-o out] [--force] [--json] [--no-validate] [--fold-bn | --no-fold-bn]
+  repfuse fuse <model>... [-o out] [--force] [--json] [--no-validate] [--latency N] [--fold-bn | --no-fold-bn]
                [--input name=1x3x640x640]... [--input-npy name=file.npy]...
                [--atol 1e-4] [--rtol 1e-3] [--seed 0] [--timeout 300]
                [--eps 1e-3] [--family NAME] [--dtype keep|float32|float16|bfloat16] [--keep-modules | --state-dict]
@@ -27,6 +29,14 @@ Usage:
 
 <model> is an .onnx model, a PyTorch checkpoint (.pt/.pth/.ckpt: zip or legacy format, state_dict
 or full-module pickle, read without Python and without running anything in it) or .safetensors.
+Several models (or a folder: the model files in it, earlier *.fused.* outputs skipped) are done
+one after the other, then one summary table; the exit code is the worst of theirs (-o needs one).
+
+fuse reports what fusion buys: MACs (batch 1, Conv = N·Cout·H'·W'·(Cin/g)·kh·kw, Gemm/MatMul =
+M·K·N) of the whole graph before and after, per block, at the input shapes (declared or --input);
+for a checkpoint (no graph, no spatial size) the fused blocks' MACs per output position.
+--latency N also measures the median latency of N runs of each model in onnxruntime (default
+optimizations, same threads, after a warm-up; a checkpoint's one-block models, summed).
 
 fuse writes <name>.fused.<ext> beside the input (never the input itself), then validates with
 onnxruntime: an ONNX model runs whole, original against fused, per output and per block; a
@@ -116,6 +126,7 @@ async function main(argv: string[]): Promise<number> {
       python: { type: 'string' },
       'python-path': { type: 'string', multiple: true },
       'threshold-db': { type: 'string' },
+      latency: { type: 'string' },
       fp16: { type: 'boolean', default: false },
       'force-fp16': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
@@ -127,7 +138,9 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${require('../package.json').version}\n`);
     return 0;
   }
-  const [cmd, file, ...rest] = positionals;
+  const [cmd, ...files] = positionals;
+  const file = files[0];
+  const rest = cmd === 'quant' ? files.slice(1) : [];
   if (values.help || !cmd) {
     process.stdout.write(USAGE + '\n');
     return values.help ? 0 : 2;
@@ -136,6 +149,26 @@ async function main(argv: string[]): Promise<number> {
   if (!file) throw new RepFuseError(`${cmd} needs a model file (see --help).`);
   if (rest.length) throw new RepFuseError(`unexpected argument '${rest[0]}'.`);
   if (!fs.existsSync(file)) throw new RepFuseError('no such file.', file);
+  // Several models (or a folder): each in turn, then a summary table.
+  const batch = cmd !== 'quant' && (files.length > 1 || fs.statSync(file).isDirectory()) ? expandModelArgs(files) : undefined;
+  if (batch && values.output !== undefined) throw new RepFuseError('-o names one output file; with several models each is written beside its input.');
+  const printBatch = async <R extends FuseReport | InspectReport>(one: (f: string) => Promise<{ report: R; exitCode: number }>, render: (r: R) => string): Promise<number> => {
+    for (const sk of batch!.skipped) if (!values.json) process.stderr.write(`… skipping ${sk}\n`);
+    const entries = await runBatch(
+      batch!.files,
+      async (f) => {
+        if (!values.json) process.stdout.write(`\n=== ${f} ===\n`);
+        const r = await one(f);
+        if (!values.json) process.stdout.write(render(r.report) + '\n');
+        return r;
+      },
+      controller.signal,
+      (f, message) => process.stderr.write(`repfuse: ${message.startsWith(f) ? message : `${f}: ${message}`}\n`),
+    );
+    const code = worstExitCode(entries);
+    process.stdout.write(values.json ? JSON.stringify({ models: entries, exitCode: code }, null, 2) + '\n' : `\n${renderBatchSummary(cmd as 'fuse' | 'inspect', entries)}\n`);
+    return code;
+  };
   const foldBN = !values['no-fold-bn'];
   const eps = values.eps === undefined ? undefined : parseNumber('eps', values.eps, 0);
   if (eps !== undefined && !(eps > 0)) throw new RepFuseError(`--eps must be positive, got '${values.eps}'.`);
@@ -144,6 +177,7 @@ async function main(argv: string[]): Promise<number> {
   if (family !== undefined && !variants.includes(family)) throw new RepFuseError(`--family must be one of ${variants.join(', ')} (the variants a state_dict cannot show); got '${family}'.`);
 
   if (cmd === 'inspect') {
+    if (batch) return printBatch(async (f) => ({ report: inspect(f, { foldBN, eps, family }), exitCode: 0 }), renderInspect);
     const report = inspect(file, { foldBN, eps, family });
     process.stdout.write(values.json ? JSON.stringify(report, null, 2) + '\n' : renderInspect(report) + '\n');
     return 0;
@@ -188,8 +222,14 @@ async function main(argv: string[]): Promise<number> {
   if (values['python-path'] && values.python === undefined) throw new RepFuseError('--python-path needs --python (the interpreter that runs the end-to-end validation).');
   const dtypes: Record<string, DType | undefined> = { keep: undefined, float32: DType.float32, float16: DType.float16, bfloat16: DType.bfloat16, float64: DType.float64 };
   if (values.dtype !== undefined && !(values.dtype in dtypes)) throw new RepFuseError(`--dtype must be one of ${Object.keys(dtypes).join(', ')}, got '${values.dtype}'.`);
-  const report = await fuse(file, {
+  const latencyRuns = values.latency === undefined ? 0 : Number(values.latency);
+  if (values.latency !== undefined && !(Number.isInteger(latencyRuns) && latencyRuns >= 1 && latencyRuns <= 10_000)) {
+    throw new RepFuseError(`--latency needs a number of runs from 1 to 10000, got '${values.latency}'.`);
+  }
+  if (values.latency !== undefined && values['no-validate']) throw new RepFuseError('--latency runs in the validation process; it cannot be combined with --no-validate.');
+  const fuseOptions = (): FuseOptions => ({
     ...defaultFuseOptions,
+    latencyRuns,
     foldBN,
     eps,
     family,
@@ -213,6 +253,12 @@ async function main(argv: string[]): Promise<number> {
     signal: controller.signal,
     onProgress: values.json ? undefined : (m) => process.stderr.write(`… ${m}\n`),
   });
+  const exitOf = (r: FuseReport) => (r.validation && !r.validation.passed ? 1 : 0);
+  if (batch) return printBatch(async (f) => {
+    const r = await fuse(f, fuseOptions());
+    return { report: r, exitCode: exitOf(r) };
+  }, renderFuse);
+  const report = await fuse(file, fuseOptions());
   process.stdout.write(values.json ? JSON.stringify(report, null, 2) + '\n' : renderFuse(report) + '\n');
   return report.validation && !report.validation.passed ? 1 : 0;
 }

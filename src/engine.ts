@@ -381,7 +381,7 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
     if (a.dropAux) report.dropAux = a.dropAux;
     if (converted && !keepModules) throw new RepFuseError('--drop-aux rewrites the model objects: write a .pt checkpoint (without --state-dict).', input);
     if (opts.fp16) report.inspect.model.notes.push(...enforceFp16(checkpointFp16(w), !!opts.forceFp16, input));
-    const foldPlan = checkpointFolds(w, opts.checkpointFoldBN, opts.eps);
+    const foldPlan = checkpointFolds(w, opts.checkpointFoldBN, opts.eps, keepModules);
     if (!w.detection.blocks.length && !converted && !opts.fp16 && !foldPlan.folds.length) {
       if (foldPlan.note) report.inspect.model.notes.push(foldPlan.note);
       report.validationSkipped = 'nothing to fuse';
@@ -397,6 +397,7 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
     report.inspect.folds.push(...res.folds);
     report.inspect.notFolded.push(...res.notFolded);
     report.bnFolded = res.folds.length;
+    report.paramsAfter += res.paramsDelta;
     for (const n of res.foldNotes) report.inspect.model.notes.push(`${n}${res.folds.length ? ' — folded in float64, rounded once; not part of the block-by-block validation' : ''}`);
     report.inspect.model.notes.push(`wrote ${res.layout}${keepModules ? ' (module objects switched to deploy form, every other entry kept)' : ''}`);
     if (w.detection.blocks.length) report.benefit = checkpointBenefit(w.detection.blocks.map((b) => b.info));

@@ -1,4 +1,7 @@
 // The fuse report (what the CLI prints as JSON and the extension shows), and its text rendering.
+import type { DropAuxResult } from './checkpoint/dropaux';
+import type { OnnxDropAux } from './onnx/dropaux';
+import { branchLabel } from './branches';
 import type { InspectReport } from './model';
 
 export interface TensorDiff {
@@ -67,7 +70,40 @@ export interface FuseReport {
   /** null when validation was not run; `skipped` says why. */
   validation: ValidationReport | null;
   validationSkipped?: string;
+  /** Checkpoints with --drop-aux: what was converted, removed and renumbered, per model object. */
+  dropAux?: DropAuxResult[];
+  /** ONNX with --drop-aux: the auxiliary outputs removed (the writer plan is not part of the report). */
+  dropAuxOnnx?: Omit<OnnxDropAux, 'plan'>;
+  /** What fusion buys: MACs before and after (and latency when asked); absent when nothing was written. */
+  benefit?: Benefit;
   timingsMs: Record<string, number>;
+}
+
+/**
+ * Multiply-accumulates (Conv = N·Cout·H'·W'·(Cin/g)·kh·kw, Gemm/MatMul = M·K·N, batch 1) before and
+ * after fusion, and, when asked, the median latency of each model in onnxruntime.
+ */
+export interface Benefit {
+  /**
+   * What the MAC counts cover. 'model': every Conv/Gemm/MatMul of the ONNX graph, at the input
+   * shapes (declared, batch 1, or --input). 'blocks-per-position': a checkpoint has no graph and no
+   * spatial size, so only the fused blocks' convolutions are counted, per output position.
+   */
+  macsScope: 'model' | 'blocks-per-position';
+  macsBefore: number;
+  macsAfter: number;
+  /** Conv/Gemm/MatMul nodes (or blocks) whose shapes could not be inferred: in neither count. */
+  uncounted?: string[];
+  blocks: { block: string; macsBefore: number; macsAfter: number }[];
+  latencyMs?: {
+    before: number;
+    after: number;
+    runs: number;
+    /** intra-op threads of both sessions (0 = onnxruntime's default). */
+    threads: number;
+    /** 'model': whole models; 'blocks': a checkpoint's one-block models, medians summed. */
+    scope: 'model' | 'blocks';
+  };
 }
 
 // ----- text rendering (CLI, output channel) --------------------------------------------------
@@ -100,15 +136,8 @@ export function table(head: string[], rows: string[][]): string {
   return [line(head), line(w.map((n) => '-'.repeat(n))), ...rows.map(line)].join('\n');
 }
 
-const kindLabel: Record<string, string> = { conv: 'conv', conv_bn: 'conv+bn', bn_identity: 'bn(x)', identity: 'x' };
-
 export function branchSummary(b: InspectReport['blocks'][number]): string {
-  return b.branches
-    .map((br) => {
-      const k = br.kernel ? `${br.kernel.join('×')} ` : '';
-      return `${k}${kindLabel[br.kind]}${br.scaled ? '·α' : ''}`;
-    })
-    .join(' + ') + (b.postBN ? ' → bn' : '');
+  return b.branches.map(branchLabel).join(' + ') + (b.postBN ? ' → bn' : '');
 }
 
 function epsText(b: InspectReport['blocks'][number]): string {
@@ -186,9 +215,36 @@ export function renderValidation(v: ValidationReport): string {
   return out.join('\n');
 }
 
+/** What --drop-aux did to one model object: the head, the layers removed and renumbered. */
+export function renderDropAux(d: DropAuxResult): string[] {
+  const out = [`drop-aux: ${d.note}`];
+  if (!d.converted) return out;
+  if (d.head) out.push(`  mirrors ${d.head.mirrors}`);
+  const span = (xs: number[]) => {
+    const parts: string[] = [];
+    for (let k = 0; k < xs.length; ) {
+      let j = k;
+      while (j + 1 < xs.length && xs[j + 1] === xs[j] + 1) j++;
+      parts.push(j > k ? `${xs[k]}–${xs[j]}` : String(xs[k]));
+      k = j + 1;
+    }
+    return parts.join(', ');
+  };
+  const byType = new Map<string, number[]>();
+  for (const l of d.removed) byType.set(l.type, [...(byType.get(l.type) ?? []), l.from]);
+  out.push(`  removed ${d.removed.length} layers: ${[...byType].map(([t, xs]) => `${t.replace(/^.*\./, '')} ${span(xs)}`).join('; ')}`);
+  // Renumbering shifts runs of layers by the same amount: one line per shift.
+  const shifts = new Map<number, number[]>();
+  for (const l of d.renumbered) shifts.set(l.to! - l.from, [...(shifts.get(l.to! - l.from) ?? []), l.from]);
+  for (const [delta, xs] of shifts) out.push(`  renumbered layers ${span(xs)} → ${delta > 0 ? '+' : ''}${delta}`);
+  return out;
+}
+
 export function verdictLine(r: FuseReport): string {
   if (!r.output) return 'Nothing to fuse: no re-parameterizable blocks or Conv→BN pairs found; no file written.';
   const parts = [`Fused ${r.blocksFused} block${r.blocksFused === 1 ? '' : 's'}`];
+  const heads = (r.dropAux ?? []).filter((d) => d.converted && d.head).map((d) => d.head!.to.replace(/^.*\./, ''));
+  if (heads.length) parts.unshift(`Converted to the deploy architecture (${[...new Set(heads)].join(', ')} head)`);
   if (r.bnFolded) parts.push(`folded ${r.bnFolded} BN`);
   if (r.validation) {
     // A checkpoint has no whole-network outputs: its verdict is the worst block.
@@ -197,7 +253,46 @@ export function verdictLine(r: FuseReport): string {
     const scope = r.validation.endToEnd ? ` (whole model, in PyTorch ${r.validation.endToEnd.torch})` : r.validation.outputs.length ? '' : ' (worst block; checked block by block, as read by RepFuse)';
     parts.push(`max |Δ| ${fmtNum(max)}${scope}`, r.validation.passed ? 'passed' : 'OVER TOLERANCE');
   } else parts.push(`not validated${r.validationSkipped ? ` (${r.validationSkipped})` : ''}`);
+  parts.push(...benefitParts(r.benefit));
   return parts.join(' · ');
+}
+
+/** `MACs −11 %` and `1.7× faster`: the benefit in the verdict line (and the notification). */
+export function benefitParts(b: Benefit | undefined): string[] {
+  if (!b) return [];
+  const out: string[] = [];
+  if (b.macsBefore > 0) {
+    const pct = ((b.macsAfter - b.macsBefore) / b.macsBefore) * 100;
+    const sign = pct < 0 ? '−' : pct > 0 ? '+' : '±';
+    out.push(`${b.macsScope === 'model' ? 'MACs' : 'block MACs'} ${sign}${Math.abs(pct) < 10 ? Math.abs(pct).toFixed(1) : Math.abs(pct).toFixed(0)} %`);
+  }
+  if (b.latencyMs) out.push(speedup(b.latencyMs.before, b.latencyMs.after));
+  return out;
+}
+
+/** `1.7× faster` / `1.1× slower` / `same speed`. */
+export function speedup(before: number, after: number): string {
+  if (!(before > 0) || !(after > 0)) return 'speed not measured';
+  const x = before / after;
+  const trim = (t: string) => t.replace(/(\.\d*?)0+$/, '$1').replace(/\.$/, '');
+  if (x >= 1.005) return `${trim(x.toFixed(x >= 10 ? 0 : 2))}× faster`;
+  if (x <= 1 / 1.005) return `${trim((1 / x).toFixed(2))}× slower`;
+  return 'same speed';
+}
+
+/** The benefit section of the text report: per block and total MACs, latency. */
+export function renderBenefit(b: Benefit): string {
+  const out: string[] = [];
+  const pct = (x: number, y: number) => (x > 0 ? `${(((y - x) / x) * 100).toFixed(1)} %` : '-');
+  if (b.macsScope === 'model') out.push(`MACs (batch 1, Conv/Gemm/MatMul at the input shapes): ${fmtCount(b.macsBefore)} → ${fmtCount(b.macsAfter)} (${pct(b.macsBefore, b.macsAfter)})`);
+  else out.push(`MACs per output position of the fused blocks (a checkpoint has no graph or spatial size; the rest of the network is not counted): ${fmtCount(b.macsBefore)} → ${fmtCount(b.macsAfter)} (${pct(b.macsBefore, b.macsAfter)})`);
+  if (b.uncounted?.length) out.push(`not counted (shapes unknown): ${b.uncounted.length <= 5 ? b.uncounted.join(', ') : `${b.uncounted.slice(0, 5).join(', ')} and ${b.uncounted.length - 5} more`}`);
+  if (b.blocks.length) out.push(table(['block', 'MACs before', 'after', 'change'], b.blocks.map((x) => [x.block, fmtCount(x.macsBefore), fmtCount(x.macsAfter), pct(x.macsBefore, x.macsAfter)])));
+  if (b.latencyMs) {
+    const l = b.latencyMs;
+    out.push(`latency (onnxruntime, default optimizations, ${l.threads || 'default'} threads, median of ${l.runs} runs after a warm-up${l.scope === 'blocks' ? ', one-block models summed' : ''}): ${fmtNum(l.before)} ms → ${fmtNum(l.after)} ms, ${speedup(l.before, l.after)}`);
+  }
+  return out.join('\n');
 }
 
 export function renderFuse(r: FuseReport): string {
@@ -206,6 +301,9 @@ export function renderFuse(r: FuseReport): string {
     out.push(`wrote ${r.output} (${fmtBytes(r.bytesWritten)})${r.externalData ? ` + external data ${r.externalData}` : ''}`);
     if (r.nodesBefore !== undefined) out.push(`nodes ${r.nodesBefore} → ${r.nodesAfter}; parameters ${fmtCount(r.paramsBefore)} → ${fmtCount(r.paramsAfter)}`);
   }
+  for (const d of r.dropAux ?? []) out.push('', ...renderDropAux(d));
+  if (r.dropAuxOnnx) out.push('', `drop-aux: ${r.dropAuxOnnx.note}`);
+  if (r.benefit) out.push('', renderBenefit(r.benefit));
   if (r.validation) out.push('', renderValidation(r.validation));
   out.push('', verdictLine(r));
   return out.join('\n');

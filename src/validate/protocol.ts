@@ -2,6 +2,7 @@
 import type { InputSpec } from '../core/onnx/inputs';
 import type { ValidationReport } from '../core/report';
 import type { QuantMeasurement, QuantRequest } from './quantProtocol';
+import type { LatencyRequest, LatencyResult, ValidateBeginRequest } from './stagedProtocol';
 
 export type { BlockDiff, TensorDiff, ValidationReport } from '../core/report';
 
@@ -26,11 +27,16 @@ export interface ValidatePairsRequest {
   seed: number;
   atol: number;
   rtol: number;
+  /** Latency runs per block model after validation (0 or absent = do not measure). */
+  latencyRuns?: number;
+  threads?: number;
 }
 
-export type WorkerRequest = ValidateRequest | ValidatePairsRequest | QuantRequest;
+export type WorkerRequest = ValidateRequest | ValidatePairsRequest | QuantRequest | ValidateBeginRequest | LatencyRequest;
 
 export type WorkerMessage =
   | { type: 'progress'; message: string }
-  | { type: 'result'; report: ValidationReport | QuantMeasurement }
+  | { type: 'result'; report: ValidationReport | QuantMeasurement | LatencyResult }
+  /** Sent before the result of a validation asked to measure latency. */
+  | { type: 'latency'; latency: LatencyResult }
   | { type: 'error'; message: string };

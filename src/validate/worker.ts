@@ -13,6 +13,8 @@ import { Rng } from '../core/random';
 import type { BlockDiff, TensorDiff, ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage, WorkerRequest } from './protocol';
 import { runQuant } from './quant';
 import { isQuantRequest } from './quantProtocol';
+import { pairsLatency, runLatency, runStaged, type StagedKit } from './staged';
+import type { ValidateFusedMessage } from './stagedProtocol';
 
 type Ort = typeof import('onnxruntime-node');
 type OrtTensor = import('onnxruntime-node').Tensor;
@@ -230,6 +232,10 @@ export async function runPairs(req: ValidatePairsRequest): Promise<ValidationRep
     blocks.push({ block: p.block, ...compare(p.block, a, b, req.atol, req.rtol) });
     await send({ type: 'progress', message: `validated block ${p.block}` });
   }
+  if (req.latencyRuns) {
+    await send({ type: 'progress', message: `measuring latency (${req.latencyRuns} runs of each block model)` });
+    await send({ type: 'latency', latency: await pairsLatency(ort, req.pairs, req.latencyRuns, req.threads ?? 0, req.seed, stagedKit) });
+  }
   return {
     passed: blocks.every((d) => d.passed),
     atol: req.atol,
@@ -243,9 +249,17 @@ export async function runPairs(req: ValidatePairsRequest): Promise<ValidationRep
   };
 }
 
+const stagedKit: StagedKit = { makeInput, toNumbers, compare, send };
+
 if (require.main === module) {
+  // Load onnxruntime while the host is still analyzing the model (a staged session's first request
+  // comes only after that); every job needs it.
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  setImmediate(() => require('onnxruntime-node'));
   process.once('message', (req: WorkerRequest) => {
-    (isQuantRequest(req) ? runQuant(req, { makeInput, toNumbers, progress: (message) => send({ type: 'progress', message }) })
+    // A staged session: the second message says the fused model is written.
+    const fused = new Promise<ValidateFusedMessage>((resolve) => process.on('message', (m: ValidateFusedMessage) => m.type === 'validate-fused' && resolve(m)));
+    (req.type === 'validate-begin' ? runStaged(req, fused, stagedKit) : req.type === 'latency' ? runLatency(req, stagedKit) : isQuantRequest(req) ? runQuant(req, { makeInput, toNumbers, progress: (message) => send({ type: 'progress', message }) })
       : req.type === 'validate-pairs' ? runPairs(req) : runValidation(req))
       .then((report) => send({ type: 'result', report }))
       .catch((err) => send({ type: 'error', message: oneLineError(err) }))
