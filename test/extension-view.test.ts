@@ -208,7 +208,7 @@ test('over tolerance is a warning naming the outputs, never a silent pass', () =
   const n = fuseNotice(r);
   assert.equal(n.severity, 'warning');
   assert.match(n.message, /OVER TOLERANCE/);
-  assert.match(n.message, /output output differ/);
+  assert.match(n.message, /output output differs by more/);
 });
 
 test('not validated and nothing to fuse', () => {

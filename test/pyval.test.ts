@@ -168,7 +168,7 @@ describe('repfuse fuse --python', () => {
     assert.match(text.stdout, /whole model, end to end: ckpt\['model'\] \(models\.yolo\.Model\) run original against fused in PyTorch/);
     assert.match(text.stdout, /^output\s+max \|Δ\|\s+max rel\s+mean \|Δ\|\s+worst at\s+max \|y\|\s+tolerance\s+verdict$/m);
     assert.match(text.stdout, /^model\[1\]\[1\]\s+\S+\s+\S+\s+\S+\s+\[[\d,]+\]\s+\S+\s+\S+\s+pass$/m);
-    assert.match(text.stdout.trim().split('\n').pop()!, /^Fused 3 blocks · max \|Δ\| \S+ \(whole model, in PyTorch [^)]+\) · passed\b/);
+    assert.match(text.stdout.trim().split('\n').pop()!, /^Fused 3 blocks · (folded \d+ BN · )?max \|Δ\| \S+ \(whole model, in PyTorch [^)]+\) · passed\b/);
     assert.ok(text.stderr.includes('… PyTorch: running the fused Model'), 'progress from the Python side');
   });
 
@@ -220,7 +220,7 @@ describe('repfuse fuse --python', () => {
     const plain = await cli('fuse', YOLO, '-o', path.join(tmp, 'plain.pt'));
     assert.equal(plain.code, 0, plain.stderr);
     assert.match(plain.stdout, /Checked block by block, as read by RepFuse: .*the whole model was not run \(.*--python runs it end to end in your own PyTorch\)/);
-    assert.match(plain.stdout.trim().split('\n').pop()!, /^Fused 3 blocks · max \|Δ\| \S+ \(worst block; checked block by block, as read by RepFuse\) · passed\b/);
+    assert.match(plain.stdout.trim().split('\n').pop()!, /^Fused 3 blocks · (folded \d+ BN · )?max \|Δ\| \S+ \(worst block; checked block by block, as read by RepFuse\) · passed\b/);
     const sd = await cli('fuse', YOLO, '-o', path.join(tmp, 'sd.pt'), '--state-dict', '--json', '--python', PYTHON);
     assert.equal(sd.code, 0, sd.stderr);
     const v = (JSON.parse(sd.stdout) as FuseReport).validation!;

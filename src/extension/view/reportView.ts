@@ -119,10 +119,14 @@ export function fuseNotice(r: FuseReport): FuseNotice {
   if (verdict === 'nothing') return { severity: 'info', message: `${baseName(r.input)}: ${verdictLine(r)}`, actions: ['Show Report'] };
   const actions: FuseNotice['actions'] = ['Open Fused Model', 'Show Report'];
   if (verdict === 'failed') {
-    const worst = r.validation!.outputs.filter((o) => !o.passed).map((o) => o.name);
+    // Outputs first (the whole model); a checkpoint checked block by block names its blocks.
+    const outs = r.validation!.outputs.filter((o) => !o.passed).map((o) => o.name);
+    const blocks = r.validation!.blocks.filter((b) => !b.passed).map((b) => b.block);
+    const names = outs.length ? outs : blocks;
+    const what = `${outs.length ? 'output' : 'block'}${names.length === 1 ? '' : 's'} ${names.join(', ')}`;
     return {
       severity: 'warning',
-      message: `${verdictLine(r)}: output${worst.length === 1 ? '' : 's'} ${worst.join(', ')} differ by more than the tolerance. The fused model was written; check the report before using it.`,
+      message: `${verdictLine(r)}: ${what} ${names.length === 1 ? 'differs' : 'differ'} by more than the tolerance. The fused model was written; check the report before using it.`,
       actions,
     };
   }
