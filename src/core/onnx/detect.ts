@@ -610,7 +610,8 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
   const consts = new ConstFolder(model, index);
   const owner = new Map<OnnxNode, OnnxBlock>();
   for (const b of det.blocks) for (const n of b.nodes) owner.set(n, b);
-  for (const cand of findRegions(model, index, consts, new Set())) {
+  const blocked = new Map<OnnxNode, { why: string; join: OnnxNode }>();
+  for (const cand of findRegions(model, index, consts, new Set(), blocked)) {
     const data = new Set(cand.data);
     const inside = new Set<OnnxBlock>();
     for (const n of cand.data) {
@@ -682,6 +683,11 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
       zeros: [],
       fused: { op: 'Conv', weight: fused.weight, weightDims: fused.shape, bias: fused.bias, pads: fused.pads, what: `linear region (${cand.data.length} ops)` },
     });
+  }
+  for (const [node, b] of blocked) {
+    const parts = [node.name || node.outputs[0], b.join.name || b.join.outputs[0]];
+    if (claimed.has(b.join) || det.rejected.some((rj) => rj.parts.some((p) => parts.includes(p)))) continue;
+    det.rejected.push({ name: commonScopeName([node.name, b.join.name]) ?? b.join.outputs[0], reason: `${nodeLabel(node)} cannot join the linear region summed by ${nodeLabel(b.join)}: ${b.why}.`, parts });
   }
   for (const g of findGemmFolds(model, index, consts, claimed)) {
     const name = commonScopeName([g.bn.name, g.gemm.name]) ?? (g.gemm.outputs[0] || g.bn.outputs[0]);

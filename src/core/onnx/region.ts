@@ -344,7 +344,7 @@ const isConstArith = (n: OnnxNode, cls: Map<string, Cls>) =>
  * sum) plus the pointwise stages (BN, constant add/mul) around it. Trivial groups (Conv and BN
  * only: the plain Conv → BN fold) are not returned.
  */
-export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFolder, taken: Set<OnnxNode>): RegionCandidate[] {
+export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFolder, taken: Set<OnnxNode>, blocked?: Map<OnnxNode, { why: string; join: OnnxNode }>): RegionCandidate[] {
   const out: RegionCandidate[] = [];
   const seeds: string[] = [];
   const seen = new Set<string>();
@@ -378,6 +378,12 @@ export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFo
       cl = closure(x, stop, index, consts, taken);
     }
     const set = new Set(cl.nodes);
+    // A branch the region cannot take (a weight computed at run time) joined to one it can: a near miss.
+    for (const b of cl.blockers) {
+      for (const c of index.consumersOf(b.node.outputs[0])) {
+        if (['Add', 'Sub', 'Sum'].includes(c.opType) && c.inputs.some((i) => i !== b.node.outputs[0] && cl.cls.get(i) === 'D')) blocked?.set(b.node, { why: b.why, join: c });
+      }
+    }
     // Side (shape) values used outside would lose their source: leave such regions alone.
     if (cl.nodes.some((n) => cl.cls.get(n.outputs[0]) === 'S' && n.outputs.some((o) => o && usedOutside(o, set, index)))) continue;
     const exits = cl.nodes.filter((n) => cl.cls.get(n.outputs[0]) === 'D').flatMap((n) => n.outputs.filter((o) => o && usedOutside(o, set, index)));

@@ -1,0 +1,128 @@
+// Linear-region fusion (src/core/onnx/region.ts): official DBB exports fused to the official deploy
+// model's op counts and outputs, small synthetic regions (YOLOv7 implicit add/multiply, BN → Gemm),
+// and the regions that are not one convolution, rejected with the op that broke them.
+import * as assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { readNpy } from '../src/core/npy';
+import { defaultFuseOptions, fuse } from '../src/engine';
+import { fuseAndValidate, inspectBytes, viewModel, writeModel } from './helpers/fuse';
+import { attrInt, attrInts, ModelBuilder } from './helpers/onnx-builder';
+import { maxAbsDiff, ort, runOrt } from './helpers/ort';
+import { makeTmp, repoRoot, rmTmp } from './helpers/paths';
+
+const OPS = ['Conv', 'BatchNormalization', 'Add', 'Sub', 'Mul', 'AveragePool', 'Pad', 'Gemm'];
+const official = path.join(repoRoot, 'test', 'fixtures', 'official');
+/** Families whose official exports the region path brings to the deploy model's op counts. */
+const FAMILIES = ['dbb'];
+
+let dir: string;
+before(() => (dir = makeTmp()));
+after(() => rmTmp(dir));
+
+describe('official exports fuse to the officially converted model', () => {
+  for (const fam of FAMILIES) {
+    const fdir = path.join(official, fam);
+    if (!fs.existsSync(path.join(fdir, 'meta.json'))) continue;
+    const meta = JSON.parse(fs.readFileSync(path.join(fdir, 'meta.json'), 'utf8'));
+    const want = meta.onnxOpCounts['deploy.onnx'] as Record<string, number>;
+    for (const form of ['train.onnx', 'train_bn.onnx']) {
+      it(`${fam} ${form}: same op counts as deploy.onnx, outputs as the official conversion's`, async () => {
+        const f = await fuseAndValidate(path.join(fdir, form), { dir, output: path.join(dir, `${fam}_${form}`), maxDiff: 1e-4 });
+        assert.deepEqual(
+          Object.fromEntries(OPS.map((o) => [o, f.out.opCounts[o] ?? 0])),
+          Object.fromEntries(OPS.map((o) => [o, want[o] ?? 0])),
+        );
+        const x = readNpy(path.join(fdir, 'input.npy'));
+        const inName = f.out.inputs.find((i) => !f.out.initializers.has(i.name))!.name;
+        const res = await runOrt(f.output, { [inName]: new ort.Tensor('float32', Float32Array.from(x.values()), x.shape) });
+        const got = Object.values(res)[0].data;
+        const deploy = readNpy(path.join(fdir, 'deploy_out_0.npy')).values();
+        const train = readNpy(path.join(fdir, 'train_out_0.npy')).values();
+        assert.ok(maxAbsDiff(got, deploy) < 1e-4, `vs deploy_out_0: ${maxAbsDiff(got, deploy)}`);
+        assert.ok(maxAbsDiff(got, train) < 1e-4, `vs train_out_0: ${maxAbsDiff(got, train)}`);
+        assert.equal(f.report.inspect.rejected.length, 0, JSON.stringify(f.report.inspect.rejected));
+      });
+    }
+  }
+});
+
+const C = 4;
+const H = 8;
+function start(): { b: ModelBuilder; x: string } {
+  const b = new ModelBuilder({ seed: 23 });
+  return { b, x: b.input('x', [1, C, H, H]) };
+}
+const perChannel = (b: ModelBuilder, name: string, lo: number, hi: number) => b.randInit(name, [1, C, 1, 1], lo, hi);
+const avgPool = (b: ModelBuilder, x: string, pads: number[], name?: string) =>
+  b.op('AveragePool', [x], { name, attrs: [attrInts('kernel_shape', [3, 3]), attrInts('pads', pads), attrInt('count_include_pad', 1)] });
+
+describe('synthetic regions', () => {
+  it('YOLOv7 IDetect: implicit add before a 1×1 conv and implicit multiply after it fold into one Conv', async () => {
+    const { b, x } = start();
+    const a = b.op('Add', [x, perChannel(b, 'ia', -0.5, 0.5)], { name: '/m.0/ia/Add' });
+    const y = b.op('Mul', [b.conv(a, C, C, [1, 1], { bias: true, name: '/m.0/Conv' }), perChannel(b, 'im', 0.5, 1.5)], { name: '/m.0/im/Mul' });
+    b.output(b.relu(y));
+    const f = await fuseAndValidate(b.encode(), { dir, name: 'idetect', expectBlocks: 1, expectOps: { Conv: 1, Add: 0, Mul: 0 } });
+    assert.equal(f.report.inspect.blocks[0].kernel.join('×'), '1×1');
+  });
+
+  it('DBB-style block: 3×3 conv + avg-pool branch + identity, with a per-channel layer scale', async () => {
+    const { b, x } = start();
+    const sum = b.add(b.add(b.conv(x, C, C, [3, 3], { bn: true }), b.bn(avgPool(b, x, [1, 1, 1, 1]), C)), x);
+    b.output(b.relu(b.op('Mul', [sum, perChannel(b, 'ls', 0.5, 1.5)])));
+    const f = await fuseAndValidate(b.encode(), { dir, name: 'dbbish', expectBlocks: 1, expectOps: { Conv: 1, Add: 0, Mul: 0, AveragePool: 0, BatchNormalization: 0 } });
+    assert.equal(f.report.inspect.blocks[0].kernel.join('×'), '3×3');
+  });
+
+  it('RepViT BN_Linear: BatchNormalization before a Gemm folds into it', async () => {
+    const { b, x } = start();
+    const flat = b.op('Flatten', [b.op('GlobalAveragePool', [x])]);
+    const bn = b.bn(flat, C);
+    const y = b.op('Gemm', [bn, b.randInit('l.weight', [3, C]), b.randInit('l.bias', [3])], { attrs: [attrInt('transB', 1)] });
+    b.output(y);
+    const input = writeModel(dir, b.encode(), 'bnlinear');
+    const report = await fuse(input, { ...defaultFuseOptions, output: path.join(dir, 'bnlinear.fused.onnx') });
+    assert.equal(report.blocksFused, 1);
+    assert.equal(report.validation?.passed, true, JSON.stringify(report.validation));
+    const out = viewModel(report.output!);
+    assert.equal(out.opCounts.Gemm, 1);
+    assert.equal(out.opCounts.BatchNormalization ?? 0, 0);
+  });
+});
+
+describe('regions that are not one convolution are rejected, naming the op', () => {
+  it('border mismatch: a constant added before a padded 3×3 conv', () => {
+    const { b, x } = start();
+    const shifted = b.op('Add', [x, perChannel(b, 'a', 0.5, 1)]);
+    const y = b.add(b.conv(shifted, C, C, [3, 3], { bias: true, name: 'Conv_pad' }), avgPool(b, x, [1, 1, 1, 1], 'Pool'));
+    b.output(b.relu(y));
+    const r = inspectBytes(dir, b.encode(), { name: 'border' });
+    assert.equal(r.blocks.length, 0);
+    assert.equal(r.rejected.length, 1, JSON.stringify(r.rejected));
+    assert.match(r.rejected[0].reason, /constant part differs at the borders \(Conv 'Conv_pad' pads a non-zero value with zeros\)/);
+  });
+
+  it('dilation mismatch: a dilated conv followed by a padded conv, beside an avg-pool branch', () => {
+    const { b, x } = start();
+    const d = b.conv(x, C, C, [3, 3], { dilation: 2, pads: [2, 2, 2, 2], name: 'Conv_dil' });
+    const y = b.add(b.conv(d, C, C, [3, 3], { pads: [1, 1, 1, 1], name: 'Conv_after' }), avgPool(b, x, [1, 1, 1, 1]));
+    b.output(b.relu(y));
+    const r = inspectBytes(dir, b.encode(), { name: 'dilation' });
+    assert.equal(r.blocks.length, 0);
+    assert.equal(r.rejected.length, 1, JSON.stringify(r.rejected));
+    assert.match(r.rejected[0].reason, /not one convolution: at the borders .* \(Conv 'Conv_dil' pads or crops inside the region\)/);
+  });
+
+  it('non-constant weight: a conv whose weight is a graph input, summed with an avg-pool branch', () => {
+    const { b, x } = start();
+    const w = b.input('w', [C, C, 3, 3]);
+    const y = b.add(b.conv(x, C, C, [3, 3], { weight: w, name: 'Conv_dyn' }), avgPool(b, x, [1, 1, 1, 1]));
+    b.output(b.relu(y));
+    const r = inspectBytes(dir, b.encode(), { name: 'dynamic' });
+    assert.equal(r.blocks.length, 0);
+    assert.equal(r.rejected.length, 1, JSON.stringify(r.rejected));
+    assert.match(r.rejected[0].reason, /weight of Conv 'Conv_dyn' is computed at run time, not a constant/);
+  });
+});
