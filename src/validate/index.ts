@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { RepFuseError } from '../core/errors';
 import type { ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage, WorkerRequest } from './protocol';
-import type { QuantMeasurement } from './quantProtocol';
+import { isQuantRequest, type QuantMeasurement } from './quantProtocol';
 
 export type { ValidationReport, TensorDiff, BlockDiff } from './protocol';
 
@@ -39,6 +39,8 @@ export function validateInChild(req: ValidateRequest | ValidatePairsRequest, opt
 
 /** Runs one job (validation or quantization) in the onnxruntime child process; `crashNote` ends a crash message. */
 export function runInChild<R extends ValidationReport | QuantMeasurement>(req: WorkerRequest, opts: ValidateOptions, crashNote: string): Promise<R> {
+  const quant = isQuantRequest(req);
+  const what = quant ? 'the quantization analysis' : 'validation';
   const script = opts.script ?? workerScript();
   return new Promise((resolve, reject) => {
     const child = fork(script, [], {
@@ -61,15 +63,15 @@ export function runInChild<R extends ValidationReport | QuantMeasurement>(req: W
       else resolve(report!);
     };
     const timer = setTimeout(() => {
-      finish(new ValidationError(`validation did not finish within ${Number((opts.timeoutMs / 1000).toPrecision(3))} s; the onnxruntime process was stopped (raise the timeout, or use --no-validate).`));
+      finish(new ValidationError(`${what} did not finish within ${Number((opts.timeoutMs / 1000).toPrecision(3))} s; the onnxruntime process was stopped (raise the timeout${quant ? '' : ', or use --no-validate'}).`));
     }, opts.timeoutMs);
-    const onAbort = () => finish(new ValidationError('validation cancelled.'));
+    const onAbort = () => finish(new ValidationError(`${what} cancelled.`));
     if (opts.signal?.aborted) return onAbort();
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     child.on('message', (m: WorkerMessage) => {
       if (m.type === 'progress') opts.onProgress?.(m.message);
       else if (m.type === 'result') finish(undefined, m.report as R);
-      else if (m.type === 'error') finish(new ValidationError(`validation failed: ${m.message}`));
+      else if (m.type === 'error') finish(new ValidationError(`${what} failed: ${m.message}`));
     });
     child.on('error', (err) => finish(new ValidationError(`cannot start the validation process: ${err.message}`)));
     child.on('exit', (code, signal) => {
@@ -80,7 +82,7 @@ export function runInChild<R extends ValidationReport | QuantMeasurement>(req: W
       const tail = (oomLine ?? lines.pop())?.trim();
       const oom = !!oomLine || signal === 'SIGKILL';
       const why = signal ? `was killed by ${signal}` : `exited with code ${code}`;
-      finish(new ValidationError(`the onnxruntime validation process ${why}${oom ? ' (out of memory?)' : ''}${tail ? `: ${tail}` : ''}; ${crashNote}.`));
+      finish(new ValidationError(`the onnxruntime ${quant ? 'quantization' : 'validation'} process ${why}${oom ? ' (out of memory?)' : ''}${tail ? `: ${tail}` : ''}; ${crashNote}.`));
     });
     child.send(req);
   });

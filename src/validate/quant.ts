@@ -77,7 +77,9 @@ async function runQuantModel(ort: Ort, req: QuantModelRequest, kit: WorkerKit): 
     for (const t of weights) {
       const values = readTensorValues(model, t);
       if (t.dims.length < 2 || values.length !== numelOf(t.dims)) throw new RepFuseError(`weight '${t.name}' has shape ${t.dims.join('×')}, not a Conv weight.`, req.model);
-      floats.set(t.name, { values, tensor: weightTensor(ort, Float64Array.from(values), t.dtype, t.dims) });
+      // float32 (the usual case): the decoded array is the tensor's data, not a copy of it.
+      const tensor = values instanceof Float32Array && t.dtype === DType.float32 ? new ort.Tensor('float32', values, t.dims) : weightTensor(ort, Float64Array.from(values), t.dtype, t.dims);
+      floats.set(t.name, { values, tensor });
     }
     const floatFeeds = Object.fromEntries([...floats].map(([k, v]) => [k, v.tensor]));
     if (!model.usesExternalData) {
