@@ -192,3 +192,28 @@ describe('--family', () => {
     assert.throws(() => detectCheckpoint(newNode('', ''), { family: 'nope' }), /--family: unknown family 'nope'; known: .*qarepvggv2/);
   });
 });
+
+describe('state_dicts of the classification families: fused = the official conversion', () => {
+  // family folder, expected family label, block count (meta.json blockClasses)
+  const cases: [string, string, number][] = [
+    ['replknet', 'ReparamLargeKernelConv', 2],
+    ['repvgg', 'RepVGG', -1],
+    ['mobileone', 'MobileOne', -1],
+  ];
+  for (const [dir, label, count] of cases) {
+    test(`${dir}: every ${label} block fused equals deploy_sd.pt`, { skip: have(dir, 'train_sd.pt') ? false : 'fixture missing' }, (t) => {
+      const a = analyzeCheckpoint(fx(dir, 'train_sd.pt'));
+      try {
+        const mine = a.report.blocks.filter((b) => b.family === label);
+        assert.ok(mine.length > 0, `${label} blocks found: ${a.report.blocks.map((b) => b.family).join(', ')}`);
+        if (count >= 0) assert.equal(mine.length, count);
+        assert.deepEqual(a.report.rejected, []);
+        const c = compareWithOfficial(a, readAll(fx(dir, 'deploy_sd.pt')));
+        t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
+        assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
+      } finally {
+        a.close();
+      }
+    });
+  }
+});

@@ -9,6 +9,7 @@ import ppyoloe from './ppyoloe';
 import qarepvgg from './qarepvgg';
 import qarepvggv2 from './qarepvggv2';
 import repvgg from './repvgg';
+import replknet from './replknet';
 import repvit from './repvit';
 import type { FamilyDef, OnnxFacts } from './types';
 import ultralytics_repconv from './ultralytics_repconv';
@@ -26,6 +27,7 @@ export const FAMILY_LIST = [
   yolov6,
   repvgg,
   mobileone,
+  replknet,
   acnet,
   ppyoloe,
   yolov9,
