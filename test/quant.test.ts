@@ -157,6 +157,23 @@ describe('quant against an independent numpy / PyTorch computation (real exports
   }
 });
 
+test('official RepVGG (DingXiaoH/RepVGG): train_sd.pt analysed as fused scores as the officially converted deploy_sd.pt', async () => {
+  const dir = path.join(repoRoot, 'test', 'fixtures', 'official', 'repvgg');
+  const train = await analyzeQuant(path.join(dir, 'train_sd.pt'), { ...defaultQuantOptions, measure: false });
+  const deploy = await analyzeQuant(path.join(dir, 'deploy_sd.pt'), { ...defaultQuantOptions, measure: false });
+  assert.equal(deploy.blocks.length, 0);
+  assert.ok(train.blocks.length > 0);
+  // Same names (the family's deploy keys), same shapes; values differ only by float32 rounding of
+  // the official fusion, so the SQNRs agree to well under 1e-3 dB.
+  assert.deepEqual(train.tensors.map((t) => [t.name, t.shape.join('x')]), deploy.tensors.map((t) => [t.name, t.shape.join('x')]));
+  train.tensors.forEach((t, i) => {
+    const d = deploy.tensors[i];
+    close(t.int8.perTensorSqnrDb, d.int8.perTensorSqnrDb, 1e-3, `${t.name} per tensor`);
+    close(t.int8.perChannelSqnrDb, d.int8.perChannelSqnrDb, 1e-3, `${t.name} per channel`);
+    close(t.rangeImbalance, d.rangeImbalance, 1e-5, `${t.name} imbalance`);
+  });
+});
+
 describe('planted findings', () => {
   let onnxQ: QuantReport;
   let ckptQ: QuantReport;
