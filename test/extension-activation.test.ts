@@ -92,7 +92,8 @@ test('the package.json contributions match what the code registers', async () =>
   assert.equal(editors.find((e: { priority: string }) => e.priority === 'default').selector[0].filenamePattern, '*.onnx');
   assert.deepEqual(
     editors.find((e: { priority: string }) => e.priority === 'option').selector.map((s: { filenamePattern: string }) => s.filenamePattern),
-    ['*.pt', '*.pth', '*.ckpt', '*.safetensors'],
+    // Every checkpoint extension of the format registry (src/core/formats.ts; test/formats.test.ts checks the whole list).
+    ['*.pt', '*.pth', '*.ckpt', '*.bin', '*.pkl', '*.tar', '*.safetensors'],
   );
   assert.equal(pkg.contributes.views.explorer[0].name, 'RepConv Blocks');
   const settings = Object.keys(pkg.contributes.configuration.properties);
