@@ -12,9 +12,11 @@ import * as path from 'node:path';
 import {
   channelLayout, fakeQuantInt8, fp16Hazards, int8SqnrDb, median, type QuantReport, rangeImbalance, roundHalfEven, sqnrDb,
 } from '../src/core/quant';
-import { blockQuantDetail } from '../src/core/quant';
+import { blockQuantDetail, sortWorstFirst } from '../src/core/quant';
 import { defaultFuseOptions, fuse, openModel } from '../src/engine';
 import { quantView } from '../src/extension/view/quantView';
+import { ModelWorkerClient } from '../src/extension/worker/client';
+import type { InspectOptions } from '../src/extension/view/settings';
 import { analyzeQuant, defaultQuantOptions } from '../src/validate/quantHost';
 import { cliPath, makeTmp, repoRoot, rmTmp } from './helpers/paths';
 
@@ -267,6 +269,25 @@ describe('views', () => {
       m.close();
     }
   });
+});
+
+test('the extension model worker answers quant (with progress) and blockQuant, off the host thread', async () => {
+  const client = new ModelWorkerClient(path.join(repoRoot, 'dist', 'model-worker.js'));
+  try {
+    const options: InspectOptions = { foldBN: true, checkpoint: { defaultEpsilon: 'auto', outputDtype: 'keep' } };
+    const file = path.join(QDIR, 'blocks_bn.onnx');
+    const progress: string[] = [];
+    const q = await client.request('quant', { file, options }, { onProgress: (m) => progress.push(m) });
+    assert.deepEqual(sortWorstFirst(q.blocks).map((b) => b.name), ['outl', 'qa', 'rep']);
+    assert.ok(progress.some((m) => /measured block outl/.test(m)), progress.join(' | '));
+    await client.request('open', { file, options });
+    const d = await client.request('blockQuant', { file, block: 'rep', options });
+    assert.ok(d.gains.flag);
+    assert.equal(d.fused.ranges.length, 8);
+    await assert.rejects(client.request('blockQuant', { file, block: 'nope', options }), /no block named 'nope'/);
+  } finally {
+    await client.dispose();
+  }
 });
 
 describe('CLI', () => {
