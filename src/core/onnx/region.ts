@@ -346,19 +346,21 @@ const isConstArith = (n: OnnxNode, cls: Map<string, Cls>) =>
  */
 export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFolder, taken: Set<OnnxNode>, blocked?: Map<OnnxNode, { why: string; join: OnnxNode }>): RegionCandidate[] {
   const out: RegionCandidate[] = [];
+  // Seeds in graph order, so a region is entered from its most upstream tensor: graph inputs and
+  // every computed tensor that no earlier closure covered, plus the tensors where a closure was cut.
   const seeds: string[] = [];
   const seen = new Set<string>();
-  // Seeds: tensors not produced by a data-carrying op (activations, graph inputs, …).
+  const cuts = new Set<string>();
   for (const i of model.graph.inputs) if (!consts.has(i.name)) seeds.push(i.name);
-  for (const n of model.graph.nodes) {
-    if (DATA_OPS.has(n.opType) && !taken.has(n)) continue;
-    for (const o of n.outputs) if (o && !consts.has(o)) seeds.push(o);
-  }
+  for (const n of model.graph.nodes) for (const o of n.outputs) if (o && !consts.has(o)) seeds.push(o);
   const inAnyRegion = new Set<OnnxNode>();
-  while (seeds.length) {
-    const x = seeds.pop()!;
+  const covered = new Set<OnnxNode>();
+  for (let si = 0; si < seeds.length; si++) {
+    const x = seeds[si];
     if (seen.has(x)) continue;
     seen.add(x);
+    const prod = index.producer.get(x);
+    if (prod && covered.has(prod) && !cuts.has(x)) continue;
     if (!index.consumersOf(x).some((c) => DATA_OPS.has(c.opType) && !taken.has(c) && !inAnyRegion.has(c))) continue;
     const stop = new Set<string>();
     let cl = closure(x, stop, index, consts, taken);
@@ -373,11 +375,13 @@ export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFo
       if (!cut.length) break;
       for (const t of cut) {
         stop.add(t);
+        cuts.add(t);
         seeds.push(t);
       }
       cl = closure(x, stop, index, consts, taken);
     }
     const set = new Set(cl.nodes);
+    for (const n of cl.nodes) covered.add(n);
     // A branch the region cannot take (a weight computed at run time) joined to one it can: a near miss.
     for (const b of cl.blockers) {
       for (const c of index.consumersOf(b.node.outputs[0])) {
@@ -433,32 +437,38 @@ function sideAncestors(group: OnnxNode[], pool: Set<OnnxNode>, cls: Map<string, 
 }
 
 function groupStages(x: string, y: string, data: OnnxNode[], cls: Map<string, Cls>, index: GraphIndex): { x: string; y: string; data: OnnxNode[] }[] {
+  type Stage = { x: string; y: string; data: OnnxNode[] };
   const st = stages(x, y, data, index);
-  const isCore = (s: { data: OnnxNode[] }) => s.data.some((n) => SPATIAL_OPS.has(n.opType) || isParallelJoin(n, cls));
-  const groups: { x: string; y: string; data: OnnxNode[] }[] = [];
-  let pending: { x: string; y: string; data: OnnxNode[] }[] = [];
-  for (const s of st) {
-    if (isCore(s)) {
-      const lead = groups.length === 0 ? pending : [];
-      if (groups.length && pending.length) {
-        const g = groups[groups.length - 1];
-        for (const p of pending) g.data.push(...p.data);
-        g.y = pending[pending.length - 1].y;
-      }
-      groups.push({ x: lead.length ? lead[0].x : s.x, y: s.y, data: [...lead.flatMap((p) => p.data), ...s.data] });
-      pending = [];
-    } else pending.push(s);
-  }
-  if (groups.length && pending.length) {
+  const isCore = (s: Stage) => s.data.some((n) => SPATIAL_OPS.has(n.opType) || isParallelJoin(n, cls));
+  // A constant added before a convolution (YOLOv7's ImplicitA) folds into its bias; other pointwise
+  // ops before it (an activation's trailing scale) stay where they are.
+  const isShift = (s: Stage) => s.data.every((n) => (n.opType === 'Add' || n.opType === 'Sub') && isConstArith(n, cls));
+  const groups: (Stage & { lead: boolean })[] = [];
+  let pending: Stage[] = [];
+  const flush = () => {
+    if (!groups.length || !pending.length) return;
     const g = groups[groups.length - 1];
     for (const p of pending) g.data.push(...p.data);
     g.y = pending[pending.length - 1].y;
+  };
+  for (const s of st) {
+    if (isCore(s)) {
+      // Pointwise stages between two cores follow the earlier one (like a BN after its conv).
+      const lead: Stage[] = [];
+      if (groups.length) flush();
+      else while (pending.length && isShift(pending[pending.length - 1])) lead.unshift(pending.pop()!);
+      groups.push({ x: lead.length ? lead[0].x : s.x, y: s.y, data: [...lead.flatMap((p) => p.data), ...s.data], lead: lead.length > 0 });
+      pending = [];
+    } else pending.push(s);
   }
-  // Keep groups that the plain Conv → BN fold cannot express.
+  flush();
+  // Keep groups that the plain Conv → BN fold cannot express: a sum of branches, pooling or
+  // padding, or a constant shift before a conv. A conv with only a BN or a layer scale after it
+  // stays as it is (the official conversions keep those scales).
   return groups.filter((g) => {
-    const hasConv = g.data.some((n) => n.opType === 'Conv');
-    const special = g.data.some((n) => isParallelJoin(n, cls) || isConstArith(n, cls) || ['AveragePool', 'Pad', 'Slice', 'Concat', 'ScatterND', 'Expand', 'Neg'].includes(n.opType));
-    return special && (hasConv || g.data.some((n) => isParallelJoin(n, cls)));
+    const join = g.data.some((n) => isParallelJoin(n, cls));
+    const conv = g.data.some((n) => n.opType === 'Conv');
+    return join || (conv && (g.lead || g.data.some((n) => ['AveragePool', 'Pad', 'Slice', 'Concat', 'ScatterND', 'Expand'].includes(n.opType))));
   });
 }
 
