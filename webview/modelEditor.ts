@@ -143,7 +143,7 @@ function quantBody(): HTMLElement {
     { id: 'quant-body' },
     h('p', { class: 'headline' }, v.headline),
     h('p', { class: 'muted small' }, v.measuredOn),
-    v.rows.length ? table(['block (worst first)', 'output SQNR / tensor', 'output SQNR / channel', 'weight SQNR', 'channel range max/median', 'verdict'], rows, { class: 'quant', numeric: [1, 2, 3, 4] }) : null,
+    v.rows.length ? table(['block (worst first)', 'out SQNR tensor', 'out SQNR channel', 'weight SQNR', 'range max/med', 'verdict'], rows, { class: 'quant', numeric: [1, 2, 3, 4] }) : null,
     h('h3', null, 'FP16'),
     h('p', null, v.fp16.summary),
     v.fp16.rows.length ? table(['tensor', 'overflow', 'subnormal'], v.fp16.rows.map((r) => [h('span', { class: 'mono' }, r.name), h('span', { class: r.overflow ? 'warn' : undefined }, r.overflow), r.subnormal]), { numeric: [1, 2] }) : null,
