@@ -127,3 +127,37 @@ export interface BlockData {
   postBN?: { gamma: ArrayLike<number>; beta: ArrayLike<number>; mean: ArrayLike<number>; variance: ArrayLike<number>; eps: number };
   fused: { shape: number[]; weight: Float64Array; bias: Float64Array };
 }
+
+// ----- --drop-aux (YOLO training → deploy) -------------------------------------------------
+
+export interface DropAuxLayer {
+  from: number;
+  to: number | null;
+  type: string;
+}
+
+/** What --drop-aux did to one model object of a checkpoint. */
+export interface DropAuxResult {
+  /** Entry in the checkpoint ('model', 'ema', or '' for a bare module). */
+  entry: string;
+  /** Whether the model had an auxiliary part and was converted. */
+  converted: boolean;
+  note: string;
+  head?: { from: string; to: string; index: number; newIndex: number; mirrors: string };
+  /** Every layer: its old index, its new index (null = removed) and class. */
+  layers: DropAuxLayer[];
+  removed: DropAuxLayer[];
+  renumbered: DropAuxLayer[];
+  /** Lead convs whose ImplicitA / ImplicitM were folded into weight and bias. */
+  implicitFolded: number;
+}
+
+/** What --drop-aux removed from an ONNX graph. */
+export interface OnnxDropAuxInfo {
+  heads: { scope: string; kind: string }[];
+  removedOutputs: string[];
+  keptOutputs: string[];
+  removedNodes: number;
+  removedInitializers: number;
+  note: string;
+}

@@ -1,8 +1,6 @@
 // The fuse report (what the CLI prints as JSON and the extension shows), and its text rendering.
-import type { DropAuxResult } from './checkpoint/dropaux';
-import type { OnnxDropAux } from './onnx/dropaux';
 import { branchLabel } from './branches';
-import type { InspectReport } from './model';
+import type { DropAuxResult, InspectReport, OnnxDropAuxInfo } from './model';
 
 export interface TensorDiff {
   name: string;
@@ -73,7 +71,7 @@ export interface FuseReport {
   /** Checkpoints with --drop-aux: what was converted, removed and renumbered, per model object. */
   dropAux?: DropAuxResult[];
   /** ONNX with --drop-aux: the auxiliary outputs removed (the writer plan is not part of the report). */
-  dropAuxOnnx?: Omit<OnnxDropAux, 'plan'>;
+  dropAuxOnnx?: OnnxDropAuxInfo;
   /** What fusion buys: MACs before and after (and latency when asked); absent when nothing was written. */
   benefit?: Benefit;
   timingsMs: Record<string, number>;

@@ -45,6 +45,12 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
   };
 
   const running = new Set<string>();
+  const DROP_AUX_YES = 'Remove Auxiliary Heads and Fuse';
+  const DROP_AUX_NO = 'Fuse Only';
+  const DROP_AUX_DETAIL =
+    'The deploy model keeps only the main (lead) head: YOLOv9 DualDDetect and its CBLinear/CBFuse branch become the GELAN model with DDetect, ' +
+    'YOLOv7 P6 IAuxDetect becomes Detect with the implicit knowledge folded; layers are renumbered as the official reparameterization notebook does. ' +
+    'Set repfuse.checkpoint.dropAux to do this without asking.';
 
   async function fuseOne(uri: vscode.Uri): Promise<void> {
     let input: string;
@@ -83,6 +89,22 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
       if (replace !== 'Replace') return;
     }
 
+    // A YOLO training model with auxiliary heads: remove them first when the setting says so, else ask.
+    let dropAux = settings.dropAux;
+    if (!dropAux) {
+      const heads = (await d.service.load(uri).catch(() => undefined))?.model.auxHeads;
+      if (heads?.length) {
+        const choice = await vscode.window.showInformationMessage(
+          `${baseName(input)} is a training model with auxiliary heads (${heads.join(', ')}). Also remove the auxiliary training heads?`,
+          { modal: true, detail: DROP_AUX_DETAIL },
+          DROP_AUX_YES,
+          DROP_AUX_NO,
+        );
+        if (!choice) return;
+        dropAux = choice === DROP_AUX_YES;
+      }
+    }
+
     // Full-module checkpoints may also run whole in the user's PyTorch: trusted workspace and consent first.
     let python: { interpreter: string; path: string[] } | undefined;
     if (settings.validate && isCheckpointPath(input)) {
@@ -102,7 +124,7 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
         (progress, token) => {
           token.onCancellationRequested(() => controller.abort());
           progress.report({ message: 'analyzing…' });
-          return d.service.fuse(uri, { ...fuseJobOptions(settings, output, exists), python }, {
+          return d.service.fuse(uri, { ...fuseJobOptions(settings, output, exists), python, dropAux }, {
             signal: controller.signal,
             onProgress: (m) => {
               d.log.info(m);

@@ -21,6 +21,7 @@ export function readSettings(scope?: vscode.Uri): { settings: Settings; problems
     defaultEpsilon: c.get('checkpoint.defaultEpsilon'),
     outputDtype: c.get('checkpoint.outputDtype'),
     checkpointFoldBN: c.get('checkpoint.foldBN'),
+    dropAux: c.get('checkpoint.dropAux'),
     pythonInterpreter: c.get('python.interpreter'),
     pythonPath: c.get('python.path'),
   });

@@ -8,6 +8,7 @@
 import { DType, encodeFloats, isFloatType } from '../dtype';
 import { RepFuseError } from '../errors';
 import { NewTensor, readTensor, TorchTensor } from '../torch/tensor';
+import type { DropAuxLayer, DropAuxResult } from '../model';
 import { PyDict, PyGlobal, PyObject, type PyValue, pyNumber } from '../torch/values';
 
 /** How one auxiliary-head class becomes its deploy class. */
@@ -56,26 +57,7 @@ const PASS_THROUGH = new Set(['models.common.Silence']);
 /** Layers that only the auxiliary branch uses; one needed by the main branch means an entangled model. */
 const AUX_ONLY = new Set(['models.common.CBLinear', 'models.common.CBFuse']);
 
-export interface DropAuxLayer {
-  from: number;
-  to: number | null;
-  type: string;
-}
-
-export interface DropAuxResult {
-  /** Entry in the checkpoint ('model', 'ema', or '' for a bare module). */
-  entry: string;
-  /** Whether the model had an auxiliary part and was converted. */
-  converted: boolean;
-  note: string;
-  head?: { from: string; to: string; index: number; newIndex: number; mirrors: string };
-  /** Every layer: its old index, its new index (null = removed) and class. */
-  layers: DropAuxLayer[];
-  removed: DropAuxLayer[];
-  renumbered: DropAuxLayer[];
-  /** Lead convs whose ImplicitA / ImplicitM were folded into weight and bias. */
-  implicitFolded: number;
-}
+export type { DropAuxLayer, DropAuxResult } from '../model';
 
 const isModule = (v: PyValue | undefined): v is PyObject =>
   v instanceof PyObject && v.state instanceof PyDict && v.state.get('_modules') instanceof PyDict && v.state.get('_parameters') instanceof PyDict;

@@ -5,6 +5,7 @@
 // cv4/cv5/dfl2 main) and a YOLOv7 IAuxDetect exported in training form (`/model.N/m2…` auxiliary,
 // `/model.N/m…` lead). An output that needs no auxiliary node, or any main-head node, stays.
 import { RepFuseError } from '../errors';
+import type { OnnxDropAuxInfo } from '../model';
 import type { OnnxModel, OnnxNode } from './reader';
 import { emptyPlan, type Plan } from './writer';
 
@@ -15,13 +16,7 @@ interface HeadScope {
   main: string[];
 }
 
-export interface OnnxDropAux {
-  heads: { scope: string; kind: string }[];
-  removedOutputs: string[];
-  keptOutputs: string[];
-  removedNodes: number;
-  removedInitializers: number;
-  note: string;
+export interface OnnxDropAux extends OnnxDropAuxInfo {
   plan: Plan;
 }
 

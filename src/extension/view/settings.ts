@@ -37,6 +37,8 @@ export interface FuseJobOptions extends InspectOptions {
   inputShapes: Record<string, number[]>;
   /** Run full-module checkpoints whole in this Python (only after the trust and consent checks). */
   python?: { interpreter: string; path: string[] };
+  /** Remove YOLO auxiliary training heads first (fuse --drop-aux). */
+  dropAux?: boolean;
 }
 
 /** The raw configuration values, as `WorkspaceConfiguration.get` returns them. */
@@ -53,6 +55,7 @@ export interface RawSettings {
   defaultEpsilon?: unknown;
   outputDtype?: unknown;
   checkpointFoldBN?: unknown;
+  dropAux?: unknown;
   pythonInterpreter?: unknown;
   pythonPath?: unknown;
 }
@@ -66,6 +69,8 @@ export interface Settings {
   inputShapes: Record<string, number[]>;
   fusedSuffix: string;
   inspect: InspectOptions;
+  /** repfuse.checkpoint.dropAux: remove auxiliary training heads without asking. */
+  dropAux: boolean;
   /** repfuse.python.*: interpreter '' = the Python extension's; path [] = the checkpoint's folders. */
   python: { interpreter: string; path: string[] };
 }
@@ -122,6 +127,7 @@ export function parseSettings(raw: RawSettings): { settings: Settings; problems:
     if (raw.outputDtype === 'keep' || raw.outputDtype === 'float32' || raw.outputDtype === 'float16') outputDtype = raw.outputDtype;
     else problems.push(`repfuse.checkpoint.outputDtype must be keep, float32 or float16 (got ${JSON.stringify(raw.outputDtype)}); using keep.`);
   }
+  if (raw.dropAux !== undefined && raw.dropAux !== null && typeof raw.dropAux !== 'boolean') problems.push(`repfuse.checkpoint.dropAux must be true or false (got ${JSON.stringify(raw.dropAux)}); asking each time.`);
   let ckptFold: NonNullable<CheckpointOptions['foldBN']> = 'auto';
   if (raw.checkpointFoldBN !== undefined && raw.checkpointFoldBN !== null) {
     if (raw.checkpointFoldBN === 'auto' || raw.checkpointFoldBN === 'on' || raw.checkpointFoldBN === 'off') ckptFold = raw.checkpointFoldBN;
@@ -149,6 +155,7 @@ export function parseSettings(raw: RawSettings): { settings: Settings; problems:
       fusedSuffix,
       inspect: { foldBN: raw.foldStandaloneBatchNorm === undefined ? true : raw.foldStandaloneBatchNorm !== false, checkpoint: { defaultEpsilon, outputDtype, foldBN: ckptFold } },
       python: { interpreter, path: pythonPath },
+      dropAux: raw.dropAux === true,
     },
     problems,
   };
@@ -156,7 +163,7 @@ export function parseSettings(raw: RawSettings): { settings: Settings; problems:
 
 /** The options of one fuse job. */
 export function fuseJobOptions(s: Settings, output: string, force: boolean): FuseJobOptions {
-  return { ...s.inspect, output, force, validate: s.validate, atol: s.atol, rtol: s.rtol, rtolExplicit: s.rtolExplicit, timeoutMs: s.timeoutMs, inputShapes: s.inputShapes };
+  return { ...s.inspect, output, force, validate: s.validate, atol: s.atol, rtol: s.rtol, rtolExplicit: s.rtolExplicit, timeoutMs: s.timeoutMs, inputShapes: s.inputShapes, dropAux: s.dropAux };
 }
 
 /** A stable key of the options that change what inspecting a file reports (not the output dtype). */
