@@ -324,3 +324,18 @@ print(json.dumps({'headClass': type(m.model[-1]).__name__, 'maxAbsDiff': float(n
     });
   });
 }
+
+describe('the setting repfuse.checkpoint.dropAux', () => {
+  test('off by default (Fuse asks when the model has auxiliary heads), on when set, a problem when not a boolean', async () => {
+    const { parseSettings, fuseJobOptions } = await import('../src/extension/view/settings');
+    assert.equal(parseSettings({}).settings.dropAux, false);
+    const on = parseSettings({ dropAux: true }).settings;
+    assert.equal(on.dropAux, true);
+    assert.equal(fuseJobOptions(on, '/o.pt', false).dropAux, true);
+    const bad = parseSettings({ dropAux: 'yes' });
+    assert.equal(bad.settings.dropAux, false);
+    assert.match(bad.problems.join('\n'), /repfuse\.checkpoint\.dropAux must be true or false/);
+    const pkg = JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8'));
+    assert.equal(pkg.contributes.configuration.properties['repfuse.checkpoint.dropAux'].default, false);
+  });
+});
