@@ -197,6 +197,7 @@ describe('state_dicts of the classification families: fused = the official conve
   // family folder, expected family label, block count (meta.json blockClasses)
   const cases: [string, string, number][] = [
     ['replknet', 'ReparamLargeKernelConv', 2],
+    ['dbb', 'DBB', 6],
     ['repvgg', 'RepVGG', -1],
     ['mobileone', 'MobileOne', -1],
   ];
@@ -216,4 +217,36 @@ describe('state_dicts of the classification families: fused = the official conve
       }
     });
   }
+});
+
+describe('DBB full-module pickles (official DingXiaoH/DiverseBranchBlock fixture)', { skip: have('dbb', 'train_full.pt') ? false : 'fixture missing' }, () => {
+  test('all four branch kinds read from the modules; fused = what the official switch_to_deploy left in deploy_full.pt', (t) => {
+    const a = analyzeCheckpoint(fx('dbb', 'train_full.pt'));
+    try {
+      assert.deepEqual(a.report.rejected, []);
+      const dbb = a.report.blocks.filter((b) => b.family === 'DBB');
+      assert.equal(dbb.length, 6);
+      const kinds = new Set(dbb.flatMap((b) => b.branches.map((x) => x.kind)));
+      assert.deepEqual([...kinds].sort(), ['avgpool', 'conv_bn', 'sequential']);
+      for (const b of dbb) assert.ok(!(b.assumptions ?? []).some((x) => /assumed/.test(x)), `${b.name}: ${JSON.stringify(b.assumptions)}`);
+      const c = compareWithOfficial(a, readAll(fx('dbb', 'deploy_full.pt')));
+      t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
+      assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
+    } finally {
+      a.close();
+    }
+  });
+
+  test('a block with a child the official forward never calls is rejected by name and class, the others fuse', () => {
+    const a = analyzeCheckpoint(fx('dbb', 'train_full_unknown_child.pt'));
+    try {
+      const rej = a.report.rejected.find((r) => r.name === 'g4');
+      assert.ok(rej, JSON.stringify(a.report.rejected));
+      assert.equal(rej.reason, "DBB: not understood: dbb_extra (torch.nn.modules.pooling.AvgPool2d); the block is left as it is (a branch RepFuse cannot read would make the fused conv wrong).");
+      assert.ok(!a.report.blocks.some((b) => b.name === 'g4'));
+      assert.equal(a.report.blocks.filter((b) => b.family === 'DBB').length, 5);
+    } finally {
+      a.close();
+    }
+  });
 });

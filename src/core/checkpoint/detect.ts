@@ -72,6 +72,15 @@ interface Geometry {
 
 function geometry(b: CkptBranch): Geometry | undefined {
   if (b.kind === 'identity' || b.kind === 'bn_identity' || b.kind === 'avgpool') return undefined;
+  if (b.kind === 'sequential' && !b.conv) {
+    // 1×1 conv → BN-pad → avg-pool: the pool is the second step.
+    const f = b.first!.conv;
+    const p = b.pool!;
+    if (f.kernel.some((k) => k !== 1)) throw new Reject(`'${f.node.path}' is ${fmt(f.kernel)}; only a 1×1 conv can precede the pooling.`);
+    const padding = f.padding && p.padding ? f.padding.map((x, i) => x + p.padding![i] + (b.seqPadding?.[i] ?? 0)) : undefined;
+    const cout = b.bn?.mean.shape[0] ?? f.weight.shape[0];
+    return { node: f.node, cout, cpg: f.weight.shape[1], kernel: p.kernel, padding, stride: p.stride, groups: f.groups, dtype: f.weight.dtype };
+  }
   const cv = b.conv!;
   if (b.kind === 'sequential') {
     const f = b.first!.conv;
@@ -197,7 +206,8 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
     const cpg = g0.cpg;
     const rank = g0.kernel.length;
     for (const cv of convs) {
-      const w = branches[geos.indexOf(cv)].conv!.weight;
+      const br = branches[geos.indexOf(cv)];
+      const w = (br.conv ?? br.first!.conv).weight;
       if (!isFloatType(w.dtype)) throw new Reject(`'${cv.node.path}' weight is ${dtypeName(w.dtype)}; only float weights can be fused.`);
       if (cv.kernel.length !== rank) throw new Reject('branches mix convolutions of different rank.');
       if (cv.cout !== cout || cv.cpg !== cpg) {
@@ -218,7 +228,7 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       if (strides.some((s) => fmt(s!) !== fmt(stride))) throw new Reject(`branches have different strides (${strides.map((s) => fmt(s!)).join(', ')}).`);
     } else {
       stride = g0.kernel.map(() => 1);
-      assumptions.push(hasId ? 'stride 1 (the block has an identity branch)' : 'stride not stored in a state_dict (fusion does not depend on it; shown as 1)');
+      assumptions.push(branches.some((b) => b.kind === 'identity' || b.kind === 'bn_identity') ? 'stride 1 (the block has an identity branch)' : 'stride not stored in a state_dict (fusion does not depend on it; shown as 1)');
     }
     const groupsList = convs.map((cv) => cv.groups);
     let groups: number;
@@ -247,7 +257,8 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
     }
     const cin = cpg * groups;
     if (hasId) {
-      if (stride.some((s) => s !== 1)) throw new Reject(`an identity or avg-pool branch cannot join convolutions with stride ${fmt(stride)}.`);
+      // An avg-pool strides with the block (its stride is in the list checked above); the identity cannot.
+      if (branches.some((b) => b.kind === 'identity' || b.kind === 'bn_identity') && stride.some((s) => s !== 1)) throw new Reject(`an identity branch cannot join convolutions with stride ${fmt(stride)}.`);
       if (cin !== cout) throw new Reject(`an identity or avg-pool branch needs as many input as output channels (in ${cin}, out ${cout}).`);
     }
     for (const b of branches) {
@@ -269,14 +280,14 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       return {
         kind: b.kind,
         kernel: geo?.kernel ?? b.pool?.kernel,
-        hasBias: !!b.conv?.bias,
+        hasBias: !!(b.conv?.bias ?? b.first?.conv.bias),
         hasBN: bns.length > 0,
         epsilon: b.bn?.eps ?? b.first?.bn?.eps,
         epsilonSource: b.bn?.epsSource ?? b.first?.bn?.epsSource,
         scaled: !!b.scale,
         subtracted: b.negate || undefined,
         params: branchNodes(b).reduce((a, m) => a + tensorCount(m), 0) + (b.scale ? numelOf(b.scale.shape) : 0),
-        dtype: b.conv ? dtypeName(b.conv.weight.dtype) : undefined,
+        dtype: b.conv || b.first ? dtypeName((b.conv ?? b.first!.conv).weight.dtype) : undefined,
         parts: branchNodes(b).map((m) => m.path),
       };
     });

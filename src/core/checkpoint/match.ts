@@ -43,11 +43,14 @@ export interface CkptBranch {
   /** The conv (for `sequential`: the second one, whose output is the branch's). */
   conv?: ConvRef;
   bn?: BNRef;
-  /** `sequential`: the first conv and its optional BN. */
-  first?: { conv: ConvRef; bn?: BNRef };
+  /**
+   * `sequential`: the first conv and its optional BN; `addIdentity` when the stored weight is a
+   * residual on the identity (DBB's IdentityBasedConv1x1: kernel = weight + I).
+   */
+  first?: { conv: ConvRef; bn?: BNRef; addIdentity?: boolean };
   /** `sequential`: padding applied between the two convs (DBB's BNAndPadLayer pads with BN(0)). */
   seqPadding?: number[];
-  /** `avgpool`. */
+  /** `avgpool`, or the second step of a `sequential` branch (DBB's 1×1 → BN-pad → avg-pool). */
   pool?: PoolRef;
   /** A constant factor (PP-YOLOE's alpha, FastViT's layer scale), scalar or per channel. */
   scale?: CkptTensor;
@@ -140,10 +143,10 @@ const isAvgPoolClass = (c: string | undefined) => !!c && /(^|\.)AvgPool[123]d$/.
 
 /**
  * An nn.AvgPool2d module, checked to be exactly a 1/k² kernel of the block's size: centred
- * padding, count_include_pad=True (zeros in the padding count, as in a conv), no ceil_mode, no
+ * padding (or `expectPadding`), count_include_pad=True (zeros in the padding count, as in a conv), no ceil_mode, no
  * divisor_override. `stride` is checked by the block against its convs.
  */
-export function asAvgPool(n: ModuleNode | undefined): PoolRef | undefined {
+export function asAvgPool(n: ModuleNode | undefined, expectPadding?: number[]): PoolRef | undefined {
   if (!n || !isAvgPoolClass(n.className)) return undefined;
   const ks = pyTuple(n.attrs.get('kernel_size'));
   if (!ks) throw new Reject(`'${n.path}' (${n.className}) has no readable kernel_size.`);
@@ -154,13 +157,13 @@ export function asAvgPool(n: ModuleNode | undefined): PoolRef | undefined {
   const pd = pyTuple(n.attrs.get('padding')) ?? [0];
   const padding = pd.length === 1 ? kernel.map(() => pd[0]) : pd;
   const what = `'${n.path}' (${n.className})`;
-  if (n.attrs.get('count_include_pad') === false) throw new Reject(`${what} has count_include_pad=False: its border values are not a fixed kernel.`);
+  if (n.attrs.get('count_include_pad') === false && padding.some((p) => p > 0)) throw new Reject(`${what} has count_include_pad=False: its border values are not a fixed kernel.`);
   if (n.attrs.get('ceil_mode') === true) throw new Reject(`${what} has ceil_mode=True: its output size is not a conv's.`);
   const div = n.attrs.get('divisor_override');
   if (div !== undefined && div !== null) throw new Reject(`${what} has divisor_override=${String(div)}; only the default 1/k² pooling can be merged.`);
   if (kernel.some((k) => k % 2 === 0)) throw new Reject(`${what} has an even kernel ${fmt(kernel)}, which has no centre.`);
-  const want = kernel.map((k) => (k - 1) / 2);
-  if (fmt(padding) !== fmt(want)) throw new Reject(`${what} pads ${fmt(padding)} for a ${fmt(kernel)} window; only centred pooling (padding ${fmt(want)}) can be merged.`);
+  const want = expectPadding ?? kernel.map((k) => (k - 1) / 2);
+  if (fmt(padding) !== fmt(want)) throw new Reject(`${what} pads ${fmt(padding)} for a ${fmt(kernel)} window; only ${expectPadding ? `padding ${fmt(want)}` : `centred pooling (padding ${fmt(want)})`} can be merged here.`);
   return { node: n, kernel, stride, padding };
 }
 

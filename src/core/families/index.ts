@@ -4,6 +4,7 @@
 // Order matters: the first family whose matcher accepts a module wins (variants before the
 // general case: YOLOv7 before QARepVGG before YOLOv6 before RepVGG).
 import acnet from './acnet';
+import dbb from './dbb';
 import mobileone from './mobileone';
 import ppyoloe from './ppyoloe';
 import qarepvgg from './qarepvgg';
@@ -28,6 +29,7 @@ export const FAMILY_LIST = [
   repvgg,
   mobileone,
   replknet,
+  dbb,
   acnet,
   ppyoloe,
   yolov9,

@@ -78,7 +78,12 @@ export function buildBlockModels(spec: FuseSpec, fused: FusedConv, stride: numbe
   const terms: string[] = [];
   for (const t of spec.terms) {
     if (t.kind === 'identity') {
-      terms.push(t.bn ? g.bn('x', t.bn) : 'x');
+      let y = t.bn ? g.bn('x', t.bn) : 'x';
+      if (t.scale !== undefined) {
+        const s = typeof t.scale === 'number' ? [t.scale] : Array.from(t.scale);
+        y = g.node('Mul', [y, g.tensor(`alpha${terms.length}`, s.length === 1 ? [] : [s.length, ...spec.kernel.map(() => 1)], s)]);
+      }
+      terms.push(y);
       continue;
     }
     let y = g.conv('x', wholeWeight(t.weight, spec.outChannels), [spec.outChannels, spec.inPerGroup, ...t.kernel], t.bias, stride, spec.groups);
