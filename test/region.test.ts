@@ -15,7 +15,7 @@ import { makeTmp, repoRoot, rmTmp } from './helpers/paths';
 const OPS = ['Conv', 'BatchNormalization', 'Add', 'Sub', 'Mul', 'AveragePool', 'Pad', 'Gemm'];
 const official = path.join(repoRoot, 'test', 'fixtures', 'official');
 /** Families whose official exports the region path brings to the deploy model's op counts. */
-const FAMILIES = ['dbb'];
+const FAMILIES = ['dbb', 'fastvit', 'repvit', 'yolov6_qarepvggv2', 'mobileone', 'repvgg', 'replknet'];
 
 let dir: string;
 before(() => (dir = makeTmp()));

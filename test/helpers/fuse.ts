@@ -142,10 +142,11 @@ export async function fuseAndValidate(bytes: Uint8Array | string, opts: FuseAndV
   for (const b of report.inspect.blocks) {
     const prod = nodeProducing(out, b.output);
     assert.equal(prod.length, 1, `block ${b.name}: ${prod.length} producers of '${b.output}'`);
-    assert.equal(prod[0].opType, 'Conv', `block ${b.name}: '${b.output}' is produced by ${prod[0].opType}`);
+    // A BN → Linear fold (no kernel) is one Gemm.
+    assert.equal(prod[0].opType, b.kernel.length ? 'Conv' : 'Gemm', `block ${b.name}: '${b.output}' is produced by ${prod[0].opType}`);
     const w = out.initializers.get(prod[0].inputs[1]);
     assert.ok(w, `block ${b.name}: fused weight '${prod[0].inputs[1]}' is not an initializer`);
-    assert.deepEqual(w.dims, [b.outChannels, b.inChannels / b.groups, ...b.kernel]);
+    if (b.kernel.length) assert.deepEqual(w.dims, [b.outChannels, b.inChannels / b.groups, ...b.kernel]);
     assert.ok(out.initializers.has(prod[0].inputs[2]), `block ${b.name}: fused Conv has no bias initializer`);
   }
   // Graph outputs are unchanged.

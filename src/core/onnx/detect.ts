@@ -697,6 +697,7 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
     }
     claimed.add(g.bn);
     claimed.add(g.gemm);
+    for (const n of g.extra ?? []) claimed.add(n);
     const [K, N] = g.transB ? [g.weightDims[1], g.weightDims[0]] : g.weightDims;
     det.blocks.push({
       info: {
@@ -716,7 +717,7 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
       x: g.x,
       output: g.y,
       leaves: [],
-      nodes: g.where === 'before' ? [g.bn, g.gemm] : [g.gemm, g.bn],
+      nodes: [...(g.where === 'before' ? [g.bn, g.gemm] : [g.gemm, g.bn]), ...(g.extra ?? [])],
       dtype: g.dtype,
       kernel: [],
       stride: [],
@@ -725,7 +726,16 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
       outChannels: N,
       template: g.gemm,
       zeros: [],
-      fused: { op: 'Gemm', weight: g.weight, weightDims: g.weightDims, bias: g.bias, pads: [], transB: g.transB, alpha: g.alpha, what: `BatchNormalization ${nodeLabel(g.bn)} folded into ${nodeLabel(g.gemm)}` },
+      fused: {
+        op: 'Gemm',
+        weight: g.weight,
+        weightDims: g.weightDims,
+        bias: g.bias,
+        pads: [],
+        transB: g.transB,
+        alpha: g.alpha,
+        what: `BatchNormalization ${nodeLabel(g.bn)} folded into ${nodeLabel(g.gemm)}${g.extra ? ` and ${g.extra.length} nodes of a second head summed with it` : ''}`,
+      },
     });
   }
 }

@@ -877,6 +877,8 @@ export const isRegionOp = (n: OnnxNode) => isOp(n, n.opType) && DATA_OPS.has(n.o
 export interface GemmFold {
   bn: OnnxNode;
   gemm: OnnxNode;
+  /** Further nodes the fold replaces (a second head summed with this one, and the scale after). */
+  extra?: OnnxNode[];
   /** The BN comes before the Gemm (on A) or after it. */
   where: 'before' | 'after';
   x: string;
@@ -986,5 +988,44 @@ export function findGemmFolds(model: OnnxModel, index: GraphIndex, consts: Const
       dtype: wInit && isFloatType(wInit.dtype) ? wInit.dtype : 1,
     });
   }
-  return out;
+  return mergeHeads(out, index, consts);
+}
+
+/**
+ * Two folded heads of one input summed (and optionally scaled by a constant), as RepViT's
+ * classifier with distillation computes (head(x) + head_dist(x)) / 2: one Gemm, as its fuse() makes.
+ */
+function mergeHeads(folds: (GemmFold | { bn: OnnxNode; gemm: OnnxNode; reason: string })[], index: GraphIndex, consts: ConstFolder): typeof folds {
+  const ok = folds.filter((f): f is GemmFold => !('reason' in f));
+  const byY = new Map(ok.map((f) => [f.y, f]));
+  const gone = new Set<GemmFold>();
+  const merged: GemmFold[] = [];
+  for (const add of index.model.graph.nodes) {
+    if (!isOp(add, 'Add') || add.inputs.length !== 2) continue;
+    const [a, b] = add.inputs.map((i) => byY.get(i));
+    if (!a || !b || a === b || gone.has(a) || gone.has(b) || a.x !== b.x) continue;
+    if (!index.usedOnlyBy(a.y, add) || !index.usedOnlyBy(b.y, add) || a.weight.length !== b.weight.length || a.alpha !== 1 || b.alpha !== 1) continue;
+    const [K, N] = a.transB ? [a.weightDims[1], a.weightDims[0]] : a.weightDims;
+    const at = (f: GemmFold, k: number, n: number) => (f.transB ? f.weight[n * K + k] : f.weight[k * N + n]);
+    // An optional scalar Div/Mul after the sum.
+    let scale = 1;
+    let y = add.outputs[0];
+    const extra: OnnxNode[] = [b.bn, b.gemm, add];
+    const next = index.consumersOf(y);
+    if (next.length === 1 && (isOp(next[0], 'Div') || isOp(next[0], 'Mul')) && next[0].inputs[0] === y && index.usedOnlyBy(y, next[0])) {
+      const c = consts.value(next[0].inputs[1]);
+      if (c && c.data.length === 1 && !c.int) {
+        scale = next[0].opType === 'Div' ? 1 / c.data[0] : c.data[0];
+        y = next[0].outputs[0];
+        extra.push(next[0]);
+      }
+    }
+    const weight = new Float64Array(a.weight.length);
+    for (let k = 0; k < K; k++) for (let n = 0; n < N; n++) weight[a.transB ? n * K + k : k * N + n] = (at(a, k, n) + at(b, k, n)) * scale;
+    const bias = a.bias.map((v, n) => (v + b.bias[n]) * scale);
+    gone.add(a);
+    gone.add(b);
+    merged.push({ ...a, y, weight, bias, extra });
+  }
+  return [...folds.filter((f) => 'reason' in f || !gone.has(f)), ...merged];
 }
