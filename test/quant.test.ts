@@ -245,6 +245,9 @@ describe('views', () => {
     const h = quantView(await analyzeQuant(path.join(QDIR, 'hazards.onnx'), defaultQuantOptions));
     assert.deepEqual(h.fp16.rows, [{ name: 'conv.weight', overflow: 2, subnormal: 3 }, { name: 'fc.weight', overflow: 0, subnormal: 2 }]);
     assert.match(h.fp16.summary, /^2 value\(s\) overflow FP16/);
+    // No blocks: the other weights are still listed, worst per-tensor weight SQNR first.
+    assert.deepEqual(h.others.map((o) => [o.name, o.op]), [['fc.weight', 'Gemm'], ['conv.weight', 'Conv']]);
+    assert.equal(h.rows.length, 0);
   });
 
   test('branch statistics detail: channel ranges before and after fusion, gains', () => {
@@ -277,7 +280,7 @@ test('the extension model worker answers quant (with progress) and blockQuant, o
     const options: InspectOptions = { foldBN: true, checkpoint: { defaultEpsilon: 'auto', outputDtype: 'keep' } };
     const file = path.join(QDIR, 'blocks_bn.onnx');
     const progress: string[] = [];
-    const q = await client.request('quant', { file, options }, { onProgress: (m) => progress.push(m) });
+    const q = await client.request('quant', { file, options, inputShapes: {}, timeoutMs: 120_000 }, { onProgress: (m) => progress.push(m) });
     assert.deepEqual(sortWorstFirst(q.blocks).map((b) => b.name), ['outl', 'qa', 'rep']);
     assert.ok(progress.some((m) => /measured block outl/.test(m)), progress.join(' | '));
     await client.request('open', { file, options });

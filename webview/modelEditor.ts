@@ -144,11 +144,17 @@ function quantBody(): HTMLElement {
     h('p', { class: 'headline' }, v.headline),
     h('p', { class: 'muted small' }, v.measuredOn),
     v.rows.length ? table(['block (worst first)', 'out SQNR tensor', 'out SQNR channel', 'weight SQNR', 'range max/med', 'verdict'], rows, { class: 'quant', numeric: [1, 2, 3, 4] }) : null,
+    v.others.length
+      ? [
+          h('h3', null, `Other weights (${v.othersTotal}${v.othersTotal > v.others.length ? `; worst ${v.others.length}` : ''}, by per-tensor weight SQNR)`),
+          table(['tensor', 'op', 'weight SQNR tensor', 'weight SQNR channel', 'range max/med'], v.others.map((o) => [h('span', { class: 'mono' }, o.name), o.op, o.perTensor, o.perChannel, o.imbalance]), { class: 'quant', numeric: [2, 3, 4] }),
+        ]
+      : null,
     h('h3', null, 'FP16'),
     h('p', null, v.fp16.summary),
     v.fp16.rows.length ? table(['tensor', 'overflow', 'subnormal'], v.fp16.rows.map((r) => [h('span', { class: 'mono' }, r.name), h('span', { class: r.overflow ? 'warn' : undefined }, r.overflow), r.subnormal]), { numeric: [1, 2] }) : null,
     h('h3', null, `Suggested fallback (per-tensor output SQNR < ${v.thresholdDb} dB, worst first)`),
-    v.fallback.length ? h('pre', { class: 'mono fallback', id: 'quant-fallback' }, v.fallbackText) : h('p', { class: 'muted' }, 'None: every block keeps its output SQNR with per-tensor INT8.'),
+    v.fallback.length ? h('pre', { class: 'mono fallback', id: 'quant-fallback' }, v.fallbackText) : h('p', { class: 'muted' }, v.rows.length ? 'None: every block keeps its output SQNR with per-tensor INT8.' : 'None (no blocks to measure).'),
     h('div', { class: 'actions' }, copy, run('Analyze Again')),
     v.notes.length ? h('ul', { class: 'notes' }, v.notes.map((n) => h('li', null, h('vscode-icon', { name: 'info' }), ' ', n))) : null,
   );
@@ -190,10 +196,8 @@ function renderModel(m: ModelView): void {
   if (m.notFolded.length) {
     sections.push(section('Conv → BatchNormalization pairs left alone', m.notFolded.length, table(['pair', 'reason'], m.notFolded.map((r) => [h('span', { class: 'mono' }, r.name), r.reason])), false));
   }
-  if (m.blocks.length || m.folds.length || m.ops.length) {
-    const desc = quant?.status === 'done' ? `${quant.view.fallback.length} fallback` : '';
-    sections.push(section('Quantization', desc, quantBody(), true, 'quant'));
-  }
+  // Always offered: even a model without blocks has weights whose FP16/INT8 hazards are worth seeing.
+  sections.push(section('Quantization', quant?.status === 'done' ? `${quant.view.fallback.length} fallback` : '', quantBody(), true, 'quant'));
   if (m.ops.length) {
     const rows: Children[][] = m.ops.map((o) => [h('span', { class: 'mono' }, o.op), o.before, o.after, h('span', { class: o.delta.startsWith('−') ? 'good' : o.delta ? 'warn' : undefined }, o.delta)]);
     if (m.opsTotal) rows.push([h('strong', null, 'total'), h('strong', null, m.opsTotal.before), h('strong', null, m.opsTotal.after), '']);

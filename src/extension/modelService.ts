@@ -115,7 +115,9 @@ export class ModelService implements vscode.Disposable {
     this.fuseJobs.add(job);
     this.log.info(`quantization analysis of ${file}`);
     try {
-      return await job.request('quant', { file, options: readSettings(uri).settings.inspect }, opts);
+      const { settings } = readSettings(uri);
+      // The validation settings say how to feed the model (dynamic input shapes) and how long to wait.
+      return await job.request('quant', { file, options: settings.inspect, inputShapes: settings.inputShapes, timeoutMs: settings.timeoutMs }, opts);
     } finally {
       this.fuseJobs.delete(job);
       void job.dispose();

@@ -87,7 +87,8 @@ async function quantOnnx(file: string, opts: QuantOptions): Promise<{ c: Collect
   const model = openOnnx(file);
   try {
     const a = analyzeOnnx(model, { foldBN: opts.foldBN });
-    const inputs = opts.measure === false ? [] : resolveOnnxInputs(model, opts);
+    // Inputs matter only for measuring blocks: a model without blocks gets its weight numbers regardless.
+    const inputs = opts.measure === false || !a.detection.blocks.length ? [] : resolveOnnxInputs(model, opts);
     const gains = new Map<string, BlockGains>();
     for (const b of a.detection.blocks) gains.set(b.info.name, branchGains(onnxBlockData(a, b.info.name)));
     let fusedPath = file;

@@ -24,6 +24,9 @@ export interface QuantView {
   thresholdDb: number;
   rows: QuantRow[];
   fp16: { summary: string; rows: { name: string; overflow: number; subnormal: number }[] };
+  /** Weights outside blocks (stem, head, deploy convs), worst per-tensor weight SQNR first, at most 20. */
+  others: { name: string; op: string; perTensor: string; perChannel: string; imbalance: string }[];
+  othersTotal: number;
   fallback: string[];
   /** The fallback list as copied to the clipboard: one block name per line. */
   fallbackText: string;
@@ -63,6 +66,12 @@ export function quantView(r: QuantReport): QuantView {
       summary: hz.length ? `${r.fp16.overflow} value(s) overflow FP16 (|w| > 65504), ${r.fp16.subnormal} subnormal (0 < |w| < 2⁻¹⁴) in ${hz.length} tensor(s).` : 'No weight overflows FP16 or is subnormal in it.',
       rows: hz.map((t) => ({ name: t.name, overflow: t.fp16.overflow, subnormal: t.fp16.subnormal })),
     },
+    others: r.tensors
+      .filter((t) => !t.block)
+      .sort((a, b) => (a.int8.perTensorSqnrDb ?? Infinity) - (b.int8.perTensorSqnrDb ?? Infinity))
+      .slice(0, 20)
+      .map((t) => ({ name: t.name, op: t.op, perTensor: db(t.int8.perTensorSqnrDb), perChannel: db(t.int8.perChannelSqnrDb), imbalance: t.rangeImbalance ? `${fmtNum(t.rangeImbalance)}×` : '—' })),
+    othersTotal: r.tensors.filter((t) => !t.block).length,
     fallback: r.fallback,
     fallbackText: r.fallback.join('\n'),
     notes: r.notes,

@@ -116,6 +116,7 @@ async function runFuse(id: number, file: string, o: WorkerRequests['fuse']['para
         rtol: o.rtol,
         rtolExplicit: o.rtolExplicit,
         python: o.python,
+        dropAux: o.dropAux,
         timeoutMs: o.timeoutMs,
         inputShapes: o.inputShapes,
         inputNpy: {},
@@ -168,7 +169,14 @@ async function handle(m: WorkerRequest): Promise<unknown> {
       return blockQuantDetail(modelFor(m.params.file, m.params.options).blockData(m.params.block));
     case 'quant': {
       const eo = engineOptions(m.params.options);
-      return analyzeQuant(m.params.file, { ...defaultQuantOptions, foldBN: eo.foldBN, eps: eo.eps, onProgress: (message) => post({ type: 'progress', id: m.id, message }) });
+      return analyzeQuant(m.params.file, {
+        ...defaultQuantOptions,
+        foldBN: eo.foldBN,
+        eps: eo.eps,
+        inputShapes: m.params.inputShapes,
+        timeoutMs: m.params.timeoutMs,
+        onProgress: (message) => post({ type: 'progress', id: m.id, message }),
+      });
     }
     case 'close':
       closeModel(m.params.file);

@@ -17,7 +17,7 @@ export interface WorkerRequests {
   /** INT8/FP16 numbers of one block (its branch ranges before and after fusion, branch BN gains). */
   blockQuant: { params: { file: string; block: string; options: InspectOptions }; result: BlockQuantDetail };
   /** The quantization report (fused in memory, output SQNR measured in the onnxruntime child); sends `progress`. */
-  quant: { params: { file: string; options: InspectOptions }; result: QuantReport };
+  quant: { params: { file: string; options: InspectOptions; inputShapes: Record<string, number[]>; timeoutMs: number }; result: QuantReport };
   /** Fuse a model into `options.output`; sends `progress` messages; cancel with `cancel`. */
   fuse: { params: { file: string; options: FuseJobOptions }; result: FuseReport };
 }
