@@ -198,11 +198,14 @@ describe('state_dicts of the classification families: fused = the official conve
   const cases: [string, string, number][] = [
     ['replknet', 'ReparamLargeKernelConv', 2],
     ['dbb', 'DBB', 6],
+    ['fastvit', 'FastViT RepMixer', 3],
+    ['fastvit', 'FastViT RepCPE', 2],
+    ['fastvit', 'ReparamLargeKernelConv', 3],
     ['repvgg', 'RepVGG', -1],
     ['mobileone', 'MobileOne', -1],
   ];
   for (const [dir, label, count] of cases) {
-    test(`${dir}: every ${label} block fused equals deploy_sd.pt`, { skip: have(dir, 'train_sd.pt') ? false : 'fixture missing' }, (t) => {
+    test(`${dir}: ${label} blocks found; every block fused equals deploy_sd.pt`, { skip: have(dir, 'train_sd.pt') ? false : 'fixture missing' }, (t) => {
       const a = analyzeCheckpoint(fx(dir, 'train_sd.pt'));
       try {
         const mine = a.report.blocks.filter((b) => b.family === label);

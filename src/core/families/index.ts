@@ -5,6 +5,8 @@
 // general case: YOLOv7 before QARepVGG before YOLOv6 before RepVGG).
 import acnet from './acnet';
 import dbb from './dbb';
+import fastvit_repcpe from './fastvit_repcpe';
+import fastvit_repmixer from './fastvit_repmixer';
 import mobileone from './mobileone';
 import ppyoloe from './ppyoloe';
 import qarepvgg from './qarepvgg';
@@ -22,6 +24,8 @@ import yolov9 from './yolov9';
 export type { DeployLayout, FamilyDef, OfficialRef, OnnxFacts } from './types';
 
 export const FAMILY_LIST = [
+  fastvit_repmixer,
+  fastvit_repcpe,
   yolov7,
   qarepvggv2,
   qarepvgg,

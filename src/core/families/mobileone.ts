@@ -1,7 +1,27 @@
 // MobileOne (apple/ml-mobileone; FastViT's models/modules/mobileone.py is the same block):
 // k conv+BN branches in `rbr_conv`, a 1×1 conv+BN `rbr_scale`, BN(x) `rbr_skip`.
-import { asBN, asConvBN, type CkptBranch, Reject } from '../checkpoint/match';
+import { asBN, asConvBN, type CkptBranch, type EpsOf, Reject } from '../checkpoint/match';
+import type { ModuleNode } from '../checkpoint/tree';
 import { defineFamily } from './types';
+
+/** The branches of a MobileOneBlock (also inside FastViT's RepMixer, whose `norm` has only `rbr_skip`). */
+export function mobileOneBranches(n: ModuleNode, eps: EpsOf): CkptBranch[] {
+  const c = n.children;
+  const branches: CkptBranch[] = [];
+  for (const b of c.get('rbr_conv')?.children.values() ?? []) {
+    const cb = asConvBN(b, eps);
+    if (!cb) throw new Reject(`'${b.path}' is not a conv followed by a BatchNorm.`);
+    branches.push({ kind: 'conv_bn', ...cb });
+  }
+  if (c.get('rbr_scale')) {
+    const s = asConvBN(c.get('rbr_scale'), eps);
+    if (!s) throw new Reject(`'rbr_scale' is not a conv followed by a BatchNorm.`);
+    branches.push({ kind: 'conv_bn', ...s });
+  }
+  const skip = asBN(c.get('rbr_skip'), eps);
+  if (skip) branches.push({ kind: 'bn_identity', bn: skip });
+  return branches;
+}
 
 export default defineFamily({
   id: 'mobileone',
@@ -16,20 +36,7 @@ export default defineFamily({
   match(n, ctx) {
     const c = n.children;
     if (!(c.has('rbr_conv') || c.has('rbr_skip') || (c.has('rbr_scale') && !c.has('rbr_dense')))) return undefined;
-    const eps = ctx.eps('mobileone');
-    const branches: CkptBranch[] = [];
-    for (const b of c.get('rbr_conv')?.children.values() ?? []) {
-      const cb = asConvBN(b, eps);
-      if (!cb) throw new Reject(`'${b.path}' is not a conv followed by a BatchNorm.`);
-      branches.push({ kind: 'conv_bn', ...cb });
-    }
-    if (c.get('rbr_scale')) {
-      const s = asConvBN(c.get('rbr_scale'), eps);
-      if (!s) throw new Reject(`'rbr_scale' is not a conv followed by a BatchNorm.`);
-      branches.push({ kind: 'conv_bn', ...s });
-    }
-    const skip = asBN(c.get('rbr_skip'), eps);
-    if (skip) branches.push({ kind: 'bn_identity', bn: skip });
+    const branches = mobileOneBranches(n, ctx.eps('mobileone'));
     if (!branches.some((b) => b.conv)) return undefined;
     return { family: 'mobileone', branches };
   },
