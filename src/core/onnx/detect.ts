@@ -1,5 +1,6 @@
-// Block detection on an ONNX graph: Add trees whose leaves are parallel branches of one input,
-// optionally followed by a BatchNormalization; plus standalone Conv → BatchNormalization pairs.
+// Block detection on an ONNX graph, in three steps (see the end of detect()): Add trees whose leaves
+// are parallel branches of one input, optionally followed by a BatchNormalization; linear regions
+// those trees cannot express (region.ts) and BN → Gemm folds; standalone Conv → BN pairs.
 import { guessOnnxFamily } from '../families';
 import { dtypeName, isFloatType } from '../dtype';
 import type { BlockInfo, BranchInfo, FoldInfo, RejectedCandidate } from '../model';
@@ -493,8 +494,13 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     return undefined;
   }
 
-  // Roots: Add/Sum nodes that are not an inner node of a larger tree.
-  const roots = nodes.filter((n) => isAddLike(n) && !isInner(n));
+  // ----- step 1: Add trees of parallel branches ---------------------------------------------------
+
+  /** Every Add tree rooted at an Add/Sum that is not an inner node of a larger tree. */
+  function addTreeBlocks(): void {
+    for (const r of nodes.filter((n) => isAddLike(n) && !isInner(n))) visit(r);
+  }
+
   /** `report`: list a rejection of this tree (off inside a tree that is itself rejected). */
   const visit = (root: OnnxNode, report = true): boolean => {
     let res: ReturnType<typeof analyze>;
@@ -520,12 +526,9 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     else if (!any && rejected && report) det.rejected.push(rejected);
     return any;
   };
-  for (const r of roots) visit(r);
-  if (opts.regions !== false) linearRegions(model, index, det, claimed);
-  det.blocks.sort((a, b) => Math.max(...a.nodes.map((n) => n.index)) - Math.max(...b.nodes.map((n) => n.index)));
+  // ----- step 3: standalone Conv → BN -------------------------------------------------------------
 
-  // ----- standalone Conv → BN -------------------------------------------------------------------
-  if (opts.foldBN) {
+  function convBNFolds(): void {
     for (const n of nodes) {
       if (!isOp(n, 'BatchNormalization') || claimed.has(n) || !n.outputs[0]) continue;
       const conv = index.producer.get(n.inputs[0]);
@@ -556,6 +559,12 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
       }
     }
   }
+
+  // ----- the steps ---------------------------------------------------------------------------------
+  addTreeBlocks(); // 1. RepVGG, MobileOne, ACNet, QARepVGG, … (exact fusion of the branch terms)
+  if (opts.regions !== false) linearRegions(model, index, det, claimed); // 2. linear regions, BN → Gemm (region.ts)
+  det.blocks.sort((a, b) => Math.max(...a.nodes.map((n) => n.index)) - Math.max(...b.nodes.map((n) => n.index)));
+  if (opts.foldBN) convBNFolds(); // 3. what is left of Conv → BN
   return det;
 }
 
@@ -598,7 +607,7 @@ export function guessFamily(nodes: OnnxNode[], leaves: Leaf[], postBN: boolean, 
   });
 }
 
-// ----- linear regions and BN → Gemm folds -----------------------------------------------------
+// ----- step 2: linear regions and BN → Gemm folds -----------------------------------------------
 
 /**
  * Regions between one tensor and another made only of linear ops (see region.ts) that the plain

@@ -161,30 +161,56 @@ export function conv(node: OnnxNode, x: Tensor, w: Tensor, b: Tensor | undefined
   const Wt = w.data;
   const oPlane = od * oh * ow;
   const iPlane = D * H * W;
+  // Bounding box of the non-zero values of each input plane: impulse probes are mostly zeros, so
+  // the loops visit only the outputs a non-zero input can reach.
+  const box = new Int32Array(n * c * 6);
+  for (let p = 0; p < n * c; p++) {
+    let z0 = D, z1 = -1, y0 = H, y1 = -1, x0 = W, x1 = -1;
+    const base = p * iPlane;
+    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) {
+      const row = base + (z * H + y) * W;
+      for (let xx = 0; xx < W; xx++) {
+        if (X[row + xx] === 0) continue;
+        if (z < z0) z0 = z;
+        if (z > z1) z1 = z;
+        if (y < y0) y0 = y;
+        if (y > y1) y1 = y;
+        if (xx < x0) x0 = xx;
+        if (xx > x1) x1 = xx;
+      }
+    }
+    box.set([z0, z1, y0, y1, x0, x1], p * 6);
+  }
+  // Output range [lo, hi] whose input index o·s − p + t·d falls in [i0, i1].
+  const range = (i0: number, i1: number, s: number, pb: number, t: number, len: number): [number, number] => [
+    Math.max(0, Math.ceil((i0 + pb - t) / s)),
+    Math.min(len - 1, Math.floor((i1 + pb - t) / s)),
+  ];
   for (let bi = 0; bi < n; bi++) {
     for (let o = 0; o < m; o++) {
       const gi = Math.floor(o / mpg);
       const ob = (bi * m + o) * oPlane;
       if (b) out.fill(b.data[o], ob, ob + oPlane);
       for (let ci = 0; ci < cpg; ci++) {
-        const ib = (bi * c + gi * cpg + ci) * iPlane;
+        const pl = bi * c + gi * cpg + ci;
+        const bx = box.subarray(pl * 6, pl * 6 + 6);
+        if (bx[1] < 0) continue; // an all-zero plane contributes nothing
+        const ib = pl * iPlane;
         for (let a = 0; a < kd; a++) {
+          const [z0, z1] = range(bx[0], bx[1], sd, pd, a * dd, od);
           for (let p = 0; p < kh; p++) {
+            const [y0, y1] = range(bx[2], bx[3], sh, ph, p * dh, oh);
             for (let q = 0; q < kw; q++) {
               const wv = Wt[(((o * cpg + ci) * kd + a) * kh + p) * kw + q];
               if (wv === 0) continue;
-              for (let z = 0; z < od; z++) {
+              const [x0, x1] = range(bx[4], bx[5], sw, pw, q * dw, ow);
+              for (let z = z0; z <= z1; z++) {
                 const iz = z * sd - pd + a * dd;
-                if (iz < 0 || iz >= D) continue;
-                for (let y = 0; y < oh; y++) {
+                for (let y = y0; y <= y1; y++) {
                   const iy = y * sh - ph + p * dh;
-                  if (iy < 0 || iy >= H) continue;
                   const orow = ob + (z * oh + y) * ow;
                   const irow = ib + (iz * H + iy) * W;
-                  for (let xx = 0; xx < ow; xx++) {
-                    const ix = xx * sw - pw + q * dw;
-                    if (ix >= 0 && ix < W) out[orow + xx] += wv * X[irow + ix];
-                  }
+                  for (let xx = x0; xx <= x1; xx++) out[orow + xx] += wv * X[irow + xx * sw - pw + q * dw];
                 }
               }
             }

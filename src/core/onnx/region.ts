@@ -42,6 +42,12 @@ export class ConstFolder {
     return this.isConst.has(name);
   }
 
+  /** Shape of a constant without reading its data when it is stored (folded ones are computed). */
+  dims(name: string): number[] | undefined {
+    const t = this.model.graph.initializers.get(name) ?? this.index.constant(name)?.tensor;
+    return t ? t.dims : this.value(name)?.dims;
+  }
+
   /** The constant's value (float64), folding its subgraph; undefined when it cannot be computed. */
   value(name: string): Tensor | undefined {
     const c = this.values.get(name);
@@ -114,6 +120,8 @@ const SPATIAL_OPS = new Set(['Conv', 'AveragePool', 'Pad', 'Slice', 'Concat', 'S
 export interface RegionNodes {
   x: string;
   y: string;
+  /** Producer of a tensor (the graph index's). */
+  producerOf(t: string): OnnxNode | undefined;
   /** Data nodes (linear in x) and shape/side nodes, in graph order. */
   nodes: OnnxNode[];
   data: OnnxNode[];
@@ -133,8 +141,8 @@ function dataOpProblem(n: OnnxNode, cls: (Cls | undefined)[], index: GraphIndex,
     }
     if (n.opType === 'Conv') {
       const ks = attrInts(n, 'kernel_shape');
-      const w = consts.value(n.inputs[1]);
-      if (ks && w && ks.join() !== w.dims.slice(2).join()) return `declares kernel_shape ${ks.join('×')} but its weight is ${w.dims.slice(2).join('×')}`;
+      const w = ks ? consts.dims(n.inputs[1]) : undefined;
+      if (ks && w && ks.join() !== w.slice(2).join()) return `declares kernel_shape ${ks.join('×')} but its weight is ${w.slice(2).join('×')}`;
     }
   }
   const isP = (k: number) => !n.inputs[k] || cls[k] === 'C' || cls[k] === 'S';
@@ -412,7 +420,7 @@ export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFo
       for (const g of groupStages(x, y, data, cl.cls, index)) {
         const nodes = [...g.data, ...sideAncestors(g.data, need, cl.cls, index)].sort((a, b) => a.index - b.index);
         for (const n of nodes) inAnyRegion.add(n);
-        out.push({ x: g.x, y: g.y, nodes, data: g.data, blockers: cl.blockers });
+        out.push({ x: g.x, y: g.y, nodes, data: g.data, blockers: cl.blockers, producerOf: (t) => index.producer.get(t) });
       }
     });
   }
@@ -497,18 +505,22 @@ export class RegionReject extends Error {
 }
 
 /** Runs the region's nodes on an input `xv` for x; returns every tensor it computed. */
-function evaluate(r: RegionNodes, xv: Tensor, consts: ConstFolder): Map<string, Tensor> {
+function evaluate(r: RegionNodes, xv: Tensor, consts: ConstFolder, linear = false): Map<string, Tensor> {
   const env = new Map<string, Tensor>([[r.x, xv]]);
+  const data = linear ? new Set(r.data) : undefined;
+  const isData = (t: string) => t === r.x || (!!data && data.has(r.producerOf(t)!));
   for (const n of r.nodes) {
-    const ins = n.inputs.map((i) => {
+    let ins = n.inputs.map((i) => {
       if (!i) return undefined;
       const v = env.get(i) ?? consts.value(i);
       if (!v) throw new RegionReject(`${nodeLabel(n)} reads '${i}', which the region cannot compute.`, n);
       return v;
     });
+    let node = n;
+    if (data?.has(n)) [node, ins] = linearPart(n, ins, isData);
     let outs: Tensor[];
     try {
-      outs = runNode(n, ins, consts.opset);
+      outs = runNode(node, ins, consts.opset);
     } catch (e) {
       if (e instanceof EvalError) throw new RegionReject(`${e.message}`, e.node);
       throw e;
@@ -516,6 +528,44 @@ function evaluate(r: RegionNodes, xv: Tensor, consts: ConstFolder): Map<string, 
     n.outputs.forEach((o, k) => o && outs[k] && env.set(o, outs[k]));
   }
   return env;
+}
+
+const zerosLike = (t: Tensor | undefined): Tensor | undefined => t && { dims: t.dims, data: new Float64Array(t.data.length), int: t.int };
+
+/**
+ * A data node's linear part: the same op with its additive constants (conv bias, BN shift, added
+ * constants, padding values, constant pieces written into the data) set to zero. The region's
+ * response to an impulse is then sparse, and equals f(e) − f(0) exactly.
+ */
+function linearPart(n: OnnxNode, ins: (Tensor | undefined)[], isData: (t: string) => boolean): [OnnxNode, (Tensor | undefined)[]] {
+  const out = [...ins];
+  switch (n.opType) {
+    case 'Conv':
+      out.length = 2;
+      return [n, out];
+    case 'BatchNormalization':
+      out[2] = zerosLike(ins[2]);
+      out[3] = zerosLike(ins[3]);
+      return [n, out];
+    case 'Add':
+    case 'Sum':
+    case 'Sub':
+    case 'Concat':
+    case 'ScatterND':
+      n.inputs.forEach((i, k) => {
+        if (i && !isData(i) && !(n.opType === 'ScatterND' && k === 1)) out[k] = zerosLike(ins[k]);
+      });
+      return [n, out];
+    case 'Pad': {
+      if (out[2]) out[2] = zerosLike(out[2]);
+      if (!n.attrs.has('value')) return [n, out];
+      const attrs = new Map(n.attrs);
+      attrs.set('value', { name: 'value', f: 0 });
+      return [{ ...n, attrs }, out];
+    }
+    default:
+      return [n, out];
+  }
 }
 
 /** Channels of x, from the first region node that fixes them. */
@@ -740,7 +790,7 @@ export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphInde
   const record = (job: { c: number; pos: number[] }, y: Float64Array, at: number) => {
     for (let o = 0; o < cout; o++) {
       for (let j = 0; j < plane; j++) {
-        const v = y[at + o * plane + j] - zA.data[o * plane + j];
+        const v = y[at + o * plane + j];
         if (v === 0) continue;
         const q = oA.map((_, i) => Math.floor(j / outS[i]) % oA[i]);
         const rel = job.pos.map((p, i) => p - q[i] * stride[i]); // = tap − padBegin
@@ -762,7 +812,7 @@ export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphInde
     let y: Tensor | undefined;
     if (part.length > 1) {
       try {
-        y = evaluate(r, x, consts).get(r.y);
+        y = evaluate(r, x, consts, true).get(r.y);
       } catch (e) {
         if (!(e instanceof RegionReject)) throw e;
       }
@@ -774,7 +824,7 @@ export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphInde
     for (const job of part) {
       const x1 = probeInput(cin, sizeA);
       x1.data[job.c * numelOf(sizeA) + job.pos.reduce((a, p, i) => a + p * inS[i], 0)] = 1;
-      record(job, evaluate(r, x1, consts).get(r.y)!.data, 0);
+      record(job, evaluate(r, x1, consts, true).get(r.y)!.data, 0);
     }
   }
   if (!hits.length) throw new RegionReject('its output does not depend on its input.');
