@@ -460,3 +460,4 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
   }
 }
 
+

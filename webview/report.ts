@@ -34,6 +34,37 @@ function diffTable(first: string, rows: DiffRow[]): HTMLElement {
   );
 }
 
+/** "Measure speed-up" in flight, or the error it ended with (not kept in the state). */
+let measuring: { running: boolean; error?: string } = { running: false };
+
+function benefitSection(r: ReportView): HTMLElement | null {
+  const b = r.benefit;
+  if (!b) return null;
+  const measure = b.canMeasure
+    ? h(
+        'vscode-button',
+        { icon: 'dashboard', secondary: !!b.latency, disabled: measuring.running, onclick: () => host.post({ type: 'measureSpeedup' }) },
+        measuring.running ? 'Measuring…' : b.latency ? 'Measure Again' : 'Measure Speed-up',
+      )
+    : null;
+  return h(
+    'section',
+    { class: 'stats-section benefit' },
+    h('h2', null, 'What fusion buys'),
+    h('dl', { class: 'facts' }, h('dt', null, 'MACs'), h('dd', null, b.macs), h('dt', null, 'Latency'), h('dd', null, b.latency ?? (b.canMeasure ? 'not measured' : 'not measurable here: a checkpoint has no graph (fuse --latency measures its blocks)'))),
+    h('p', { class: 'muted small' }, b.scope, b.uncounted ? ` Not counted (shapes unknown): ${b.uncounted}.` : '', b.latencyNote ? ` Latency: ${b.latencyNote}` : ''),
+    measure ? h('div', { class: 'actions' }, measure) : null,
+    measuring.error ? h('p', { class: 'warn small', role: 'alert' }, `Could not measure: ${measuring.error}`) : null,
+    b.blocks.length
+      ? table(
+          ['block', 'MACs before', 'after', 'change'],
+          b.blocks.map((x) => [h('span', { class: 'mono' }, x.name), x.before, x.after, x.change]),
+          { numeric: [1, 2, 3], class: 'diff' },
+        )
+      : null,
+  );
+}
+
 function render(r: ReportView): void {
   const v = VERDICT[r.verdict];
   const actions = h(
@@ -58,6 +89,7 @@ function render(r: ReportView): void {
     h('header', { class: 'page-head report-head' }, h('div', { class: 'title' }, h('vscode-icon', { name: v.icon, size: 20, class: v.cls }), h('h1', null, `Fuse report · ${r.inputName}`), h('vscode-badge', null, v.text)), actions),
     h('p', { class: `headline ${v.cls}`, role: 'status' }, r.headline),
     facts,
+    benefitSection(r),
     val
       ? [
           h('section', { class: 'stats-section' }, h('h2', null, 'Model outputs: original vs fused'), h('p', { class: 'muted small' }, `${val.runtime}; inputs ${val.inputs.join(', ')}; seed ${val.seed}; a tensor passes when max|Δ| ≤ atol ${val.atol} + rtol ${val.rtol} · max|y|; took ${val.duration}.`), diffTable('output', val.outputs)),
@@ -68,13 +100,23 @@ function render(r: ReportView): void {
   );
 }
 
+let current: ReportView | undefined;
+
 host.onMessage((m) => {
   if (m.type === 'init') {
+    measuring = { running: false };
+    current = m.report;
     host.saveState({ report: m.report });
     render(m.report);
+  } else if (m.type === 'measuring') {
+    measuring = { running: m.running, error: m.error };
+    if (current) render(current);
   }
 });
 
 const saved = host.state();
-if (saved?.report) render(saved.report);
+if (saved?.report) {
+  current = saved.report;
+  render(saved.report);
+}
 host.post({ type: 'ready' });

@@ -45,6 +45,8 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
   };
 
   const running = new Set<string>();
+  /** The multi-selection being fused, if any: one line per model for the summary. */
+  let batch: { lines: string[]; cancelled: boolean } | undefined;
   const DROP_AUX_YES = 'Remove Auxiliary Heads and Fuse';
   const DROP_AUX_NO = 'Fuse Only';
   const DROP_AUX_DETAIL =
@@ -142,6 +144,7 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
     }
     d.log.info(`\n${renderFuse(report)}`);
     const notice = fuseNotice(report);
+    batch?.lines.push(`${baseName(input)}: ${notice.message}`);
     if (notice.severity === 'warning') d.log.warn(notice.message);
     // The notification stays until the user acts on it; the command does not wait for that.
     const show = notice.severity === 'warning' ? vscode.window.showWarningMessage : vscode.window.showInformationMessage;
@@ -155,7 +158,10 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
 
   /** Cancelled: a note; fused but not validated: a warning; anything else: an error. All one line. */
   function failed(input: string, err: unknown): void {
+    batch?.lines.push(`${baseName(input)}: ${err instanceof WorkerRequestError && err.cancelled ? 'cancelled' : (err as Error).message}`);
     if (err instanceof WorkerRequestError && err.cancelled) {
+      // Cancelling one model of a multi-selection stops the ones after it too.
+      if (batch) batch.cancelled = true;
       d.log.info(`fusing ${input} cancelled; nothing was written.`);
       void vscode.window.showInformationMessage(`RepFuse: fusing ${baseName(input)} was cancelled; nothing was written.`);
       return;
@@ -180,7 +186,30 @@ export function registerCommands(d: CommandDeps): vscode.Disposable[] {
     // From the Explorer with several files selected, the second argument lists them all.
     const many = Array.isArray(all) ? all.filter(isUri).filter((u) => isModelFile(u.fsPath)) : [];
     const uris = many.length > 1 ? many : [target(arg) ?? (await pickModel())].filter(isUri);
-    for (const u of uris) await fuseOne(u);
+    if (uris.length < 2) {
+      for (const u of uris) await fuseOne(u);
+      return;
+    }
+    // Each in turn (one fuse job at a time), then one summary in the log and a notification.
+    const mine: { lines: string[]; cancelled: boolean } = { lines: [], cancelled: false };
+    batch = mine;
+    try {
+      for (const u of uris) {
+        if (mine.cancelled) {
+          mine.lines.push(`${baseName(u.fsPath)}: not started (cancelled)`);
+          continue;
+        }
+        const before = mine.lines.length;
+        await fuseOne(u);
+        if (mine.lines.length === before) mine.lines.push(`${baseName(u.fsPath)}: skipped`);
+      }
+    } finally {
+      batch = undefined;
+    }
+    d.log.info(`fused ${uris.length} models:\n${mine.lines.map((l) => `  ${l}`).join('\n')}`);
+    void vscode.window.showInformationMessage(`RepFuse: ${uris.length} models done${mine.cancelled ? ' (cancelled)' : ''}; the summary is in the RepFuse log.`, 'Show Log').then((a) => {
+      if (a === 'Show Log') d.log.show(true);
+    });
   };
 
   const inspect = async (arg?: unknown) => {

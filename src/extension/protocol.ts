@@ -110,7 +110,10 @@ export interface ReportState {
   report: ReportView;
 }
 
-export type ReportToWebview = { type: 'init'; report: ReportView };
+export type ReportToWebview =
+  | { type: 'init'; report: ReportView }
+  /** "Measure speed-up" is running (or ended with `error`); a result comes as a new `init`. */
+  | { type: 'measuring'; running: boolean; error?: string };
 
 export type ReportFromWebview =
   | { type: 'ready' }
@@ -119,7 +122,9 @@ export type ReportFromWebview =
   /** Reveal a file in the Explorer. */
   | { type: 'reveal'; path: string }
   /** Show the RepFuse output channel. */
-  | { type: 'showLog' };
+  | { type: 'showLog' }
+  /** Measure the latency of the original and the fused model (onnxruntime, in a child process). */
+  | { type: 'measureSpeedup' };
 
 // ----- request/response helper (both sides) ---------------------------------------------------
 

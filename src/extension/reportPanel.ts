@@ -3,7 +3,10 @@
 import * as vscode from 'vscode';
 import type { FuseReport } from '../core/report';
 import type { ReportFromWebview, ReportState, ReportToWebview } from './protocol';
-import { type ReportView, reportView } from './view/reportView';
+import { type ReportView, reportView, SPEEDUP_RUNS, withLatency } from './view/reportView';
+import { measureSpeedup } from '../validate/session';
+import { oneLineError } from '../core/errors';
+import { readSettings } from './settings';
 import { webviewHtml, webviewOptions } from './webviewHtml';
 import { ModelEditorProvider } from './modelEditor';
 
@@ -28,7 +31,9 @@ export class ReportPanel {
     ReportPanel.wire(panel, extensionUri, view, log);
   }
 
-  private static wire(panel: vscode.WebviewPanel, extensionUri: vscode.Uri, view: ReportView, log: vscode.LogOutputChannel): void {
+  private static wire(panel: vscode.WebviewPanel, extensionUri: vscode.Uri, initial: ReportView, log: vscode.LogOutputChannel): void {
+    let view = initial;
+    let measuring: AbortController | undefined;
     panel.webview.options = webviewOptions(extensionUri);
     panel.webview.html = webviewHtml(panel.webview, extensionUri, 'report', 'Fuse report');
     panel.title = `Fuse report · ${view.inputName}`;
@@ -51,8 +56,34 @@ export class ReportPanel {
         case 'showLog':
           log.show(true);
           break;
+        case 'measureSpeedup': {
+          if (measuring || !view.output || !view.benefit?.canMeasure) return;
+          const output = view.output;
+          const ctl = (measuring = new AbortController());
+          post({ type: 'measuring', running: true });
+          const { settings } = readSettings(vscode.Uri.file(view.input));
+          log.info(`measuring the latency of ${view.input} and ${output} (${SPEEDUP_RUNS} runs each)`);
+          measureSpeedup({ original: view.input, fused: output, runs: SPEEDUP_RUNS, inputShapes: settings.inputShapes, seed: 0 }, { timeoutMs: settings.timeoutMs, signal: ctl.signal, onProgress: (p) => log.info(p) }).then(
+            (l) => {
+              measuring = undefined;
+              view = withLatency(view, { before: l.before, after: l.after, runs: l.runs, threads: l.threads, scope: l.scope });
+              log.info(`latency: ${view.benefit?.latency ?? ''}`);
+              post({ type: 'init', report: view });
+            },
+            (err: unknown) => {
+              measuring = undefined;
+              const message = oneLineError(err);
+              log.error(message);
+              post({ type: 'measuring', running: false, error: message });
+            },
+          );
+          break;
+        }
       }
     });
-    panel.onDidDispose(() => sub.dispose());
+    panel.onDidDispose(() => {
+      measuring?.abort();
+      sub.dispose();
+    });
   }
 }

@@ -5,13 +5,13 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DType, dtypeName } from '../core/dtype';
-import type { InputSpec } from '../core/onnx/inputs';
-import { openOnnx } from '../core/onnx/reader';
-import { ByteBuilder, WT_LEN } from '../core/proto/wire';
+import { type InputSpec, resolveInputs } from '../core/onnx/inputs';
+import { type OnnxModel, openOnnx } from '../core/onnx/reader';
+import { ByteBuilder, walkFields, WT_LEN } from '../core/proto/wire';
 import { Rng } from '../core/random';
 import { onnx } from 'onnx-proto';
 import type { BlockDiff, TensorDiff, ValidationReport, WorkerMessage } from './protocol';
-import type { LatencyRequest, LatencyResult, ValidateBeginRequest, ValidateFusedMessage } from './stagedProtocol';
+import { type LatencyRequest, type LatencyResult, type ValidateBeginRequest, type ValidateFusedMessage, validationHeaderName } from './stagedProtocol';
 
 type Ort = typeof import('onnxruntime-node');
 type OrtTensor = import('onnxruntime-node').Tensor;
@@ -44,6 +44,46 @@ export function extraOutputsSuffix(extra: { name: string; elemType: number }[]):
   return new ByteBuilder().tag(7, WT_LEN).varint(graph.length).bytes(graph).finish();
 }
 
+/** TensorProto fields that hold data: dropped when a tensor is turned into an external reference. */
+const DATA_FIELDS = new Set([4, 5, 7, 9, 10, 11, 13, 14]);
+
+/**
+ * A small model that is `model` with every raw initializer of at least `threshold` bytes turned
+ * into an ONNX external-data reference to the bytes where it already lies, in the model file
+ * itself (reached as `dataName`, a link beside the header); `extra` outputs appended. onnxruntime
+ * maps such tensors from the file (already in the page cache) instead of copying them, so the
+ * validation reads no model into its own memory and re-encodes nothing but node-sized fields.
+ */
+export function externalHeader(model: OnnxModel, dataName: string, extra: { name: string; elemType: number }[], threshold = 4096): Uint8Array {
+  const src = model.source;
+  const graph = new ByteBuilder();
+  for (const f of model.graph.fields) {
+    const t = f.kind === 'initializer' ? model.graph.initializers.get(f.name) : undefined;
+    if (t && t.storage.kind === 'raw' && t.storage.length >= threshold && t.span) {
+      const parts = new ByteBuilder();
+      for (const g of walkFields(src, t.span.start, t.span.end)) if (!DATA_FIELDS.has(g.field)) parts.bytes(src.read(g.start, g.end - g.start));
+      const kv = (k: string, v: string) => parts.lenField(13, new ByteBuilder().stringField(1, k).stringField(2, v).finish());
+      kv('location', dataName);
+      kv('offset', String(t.storage.offset));
+      kv('length', String(t.storage.length));
+      parts.varintField(14, 1);
+      const body = parts.finish();
+      graph.tag(5, WT_LEN).varint(body.length).bytes(body);
+    } else graph.bytes(src.read(f.wire.start, f.wire.end - f.wire.start));
+  }
+  for (const o of extra) {
+    const vi = onnx.ValueInfoProto.encode({ name: o.name, type: { tensorType: { elemType: o.elemType } } }).finish();
+    graph.tag(12, WT_LEN).varint(vi.length).bytes(vi);
+  }
+  const g = graph.finish();
+  const out = new ByteBuilder();
+  for (const f of model.topFields) {
+    if (f === model.graphField) out.tag(7, WT_LEN).varint(g.length).bytes(g);
+    else out.bytes(src.read(f.start, f.end - f.start));
+  }
+  return out.finish();
+}
+
 /** The model file read into one buffer with room for `suffix`, which ends it. */
 export function readWithSuffix(file: string, suffix: Uint8Array): Uint8Array {
   const fd = fs.openSync(file, 'r');
@@ -63,33 +103,45 @@ export function readWithSuffix(file: string, suffix: Uint8Array): Uint8Array {
   }
 }
 
-/** Whether the model keeps tensors in external files (then it is loaded by path, next to them). */
-function usesExternalData(file: string): boolean {
-  const m = openOnnx(file);
+/**
+ * A session for `file` with `extra` graph outputs. First choice: a small header beside the model
+ * whose big initializers refer to the model file's own bytes (see externalHeader), removed again
+ * once the session exists. Where that cannot be written or loaded (a read-only folder, a model
+ * reached through a link), the model is read into a buffer with the outputs appended (or, with
+ * external data, copied beside itself with them).
+ */
+async function createWithOutputs(ort: Ort, file: string, extra: { name: string; elemType: number }[], options: import('onnxruntime-node').InferenceSession.SessionOptions = VALIDATE_OPTIONS): Promise<Session> {
+  const abs = path.resolve(file);
+  const model = openOnnx(abs);
+  const header = path.join(path.dirname(abs), validationHeaderName(abs, process.pid));
+  let wrote = false;
   try {
-    return m.usesExternalData;
+    try {
+      fs.writeFileSync(header, externalHeader(model, path.basename(abs), extra), { flag: 'wx' });
+      wrote = true;
+      return await ort.InferenceSession.create(header, options);
+    } catch {
+      // fall back below
+    }
+    const suffix = extraOutputsSuffix(extra);
+    if (!model.usesExternalData) return await ort.InferenceSession.create(readWithSuffix(abs, suffix), options);
+    // External data is resolved relative to the model file, so the variant must sit beside it.
+    const tmp = `${header}.copy`;
+    try {
+      fs.copyFileSync(abs, tmp);
+      fs.appendFileSync(tmp, suffix);
+      return await ort.InferenceSession.create(tmp, options);
+    } finally {
+      fs.rmSync(tmp, { force: true });
+    }
   } finally {
-    m.close();
-  }
-}
-
-/** A session for `file` with `extra` graph outputs: from a buffer, or (external data) a copy beside it. */
-async function createWithOutputs(ort: Ort, file: string, extra: { name: string; elemType: number }[], external: boolean): Promise<Session> {
-  const suffix = extraOutputsSuffix(extra);
-  if (!external) return ort.InferenceSession.create(readWithSuffix(file, suffix), VALIDATE_OPTIONS);
-  // External data is resolved relative to the model file, so the variant must sit beside it.
-  const tmp = path.join(path.dirname(path.resolve(file)), `.${path.basename(file)}.${process.pid}.validate.onnx`);
-  try {
-    fs.copyFileSync(file, tmp);
-    fs.appendFileSync(tmp, suffix);
-    return await ort.InferenceSession.create(tmp, VALIDATE_OPTIONS);
-  } finally {
-    fs.rmSync(tmp, { force: true });
+    model.close();
+    if (wrote) fs.rmSync(header, { force: true });
   }
 }
 
 async function runOnce(kit: StagedKit, ort: Ort, file: string, extra: { name: string; elemType: number }[], feeds: Record<string, OrtTensor>, fetch: string[]): Promise<Map<string, Numbers>> {
-  const session = await createWithOutputs(ort, file, extra, usesExternalData(file));
+  const session = await createWithOutputs(ort, file, extra);
   try {
     const results = await session.run(feeds, fetch);
     const out = new Map<string, Numbers>();
@@ -118,10 +170,10 @@ function median(xs: number[]): number {
  * count: one warm-up run each, then `runs` runs alternating between them (the order flips every
  * round), so load from elsewhere on the machine falls on both alike.
  */
-export async function measureLatency(ort: Ort, before: string | Uint8Array, after: string | Uint8Array, feeds: Record<string, OrtTensor>, runs: number, threads: number): Promise<{ before: number; after: number }> {
+export async function measureLatency(ort: Ort, before: string, after: string, feeds: Record<string, OrtTensor>, runs: number, threads: number): Promise<{ before: number; after: number }> {
   const options: import('onnxruntime-node').InferenceSession.SessionOptions = { executionProviders: ['cpu'], logSeverityLevel: 3 };
   if (threads > 0) options.intraOpNumThreads = threads;
-  const create = (m: string | Uint8Array) => (typeof m === 'string' ? ort.InferenceSession.create(m, options) : ort.InferenceSession.create(m, options));
+  const create = (m: string) => createWithOutputs(ort, m, [], options);
   const sessions: Session[] = [];
   try {
     sessions.push(await create(before));
@@ -190,7 +242,14 @@ export async function runStaged(req: ValidateBeginRequest, next: Promise<Validat
 /** Latency of a model and its fused form on their own (no validation). */
 export async function runLatency(req: LatencyRequest, kit: StagedKit): Promise<LatencyResult> {
   const ort = ortModule();
-  const feeds = feedsFor(kit, ort, req.inputs, req.seed);
+  const model = openOnnx(req.original);
+  let inputs: InputSpec[];
+  try {
+    inputs = resolveInputs(model, req.inputShapes);
+  } finally {
+    model.close();
+  }
+  const feeds = feedsFor(kit, ort, inputs, req.seed);
   await kit.send({ type: 'progress', message: `measuring latency (${req.runs} runs of each model)` });
   const m = await measureLatency(ort, req.original, req.fused, feeds, req.runs, req.threads);
   return { ...m, runs: req.runs, threads: req.threads, scope: 'model' };

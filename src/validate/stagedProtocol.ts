@@ -3,7 +3,16 @@
 // the model, sends `validate-begin` as soon as the blocks are known (the child then loads and runs
 // the original while the host writes the fused model), and `validate-fused` once the output is
 // on disk; the child answers with one `result` (and a `latency` message before it when asked).
+import * as path from 'node:path';
 import type { InputSpec } from '../core/onnx/inputs';
+
+/**
+ * The hidden header model the child writes beside `file` for a moment (see staged.ts); named by the
+ * child's pid, so the host can remove one left behind by a child that was killed.
+ */
+export function validationHeaderName(file: string, pid: number): string {
+  return `.${path.basename(file)}.${pid}.validate.onnx`;
+}
 
 /** Median latency of each model (onnxruntime's default optimizations, after one warm-up run). */
 export interface LatencyResult {
@@ -45,7 +54,8 @@ export interface LatencyRequest {
   type: 'latency';
   original: string;
   fused: string;
-  inputs: InputSpec[];
+  /** Shapes for dynamic input dimensions, by input name (the child resolves the inputs). */
+  inputShapes: Record<string, number[]>;
   seed: number;
   runs: number;
   threads: number;

@@ -1,6 +1,6 @@
 // The fuse report as the report webview and the notifications show it: display-ready rows built
 // from a FuseReport (the same numbers as the CLI's tables). Pure.
-import { fmtBytes, fmtCount, fmtNum, type FuseReport, type TensorDiff, verdictLine } from '../../core/report';
+import { type Benefit, fmtBytes, fmtCount, fmtNum, type FuseReport, speedup, type TensorDiff, verdictLine } from '../../core/report';
 import { baseName } from './format';
 
 export type Verdict = 'passed' | 'failed' | 'unvalidated' | 'nothing';
@@ -40,6 +40,66 @@ export interface ReportView {
   } | null;
   validationSkipped: string | null;
   timings: { label: string; value: string }[];
+  /** What fusion buys (MACs, latency once measured); null when nothing was written. */
+  benefit: BenefitView | null;
+}
+
+/** Runs of each model when the report's "Measure speed-up" asks for latency. */
+export const SPEEDUP_RUNS = 20;
+
+export interface BenefitView {
+  /** `13.13G → 11.82G (−10.0 %)`. */
+  macs: string;
+  /** What the MAC counts cover, in words. */
+  scope: string;
+  /** Nodes or blocks left out of the counts (shapes unknown), or null. */
+  uncounted: string | null;
+  blocks: { name: string; before: string; after: string; change: string }[];
+  /** `12.3 ms → 7.2 ms · 1.7× faster`, or null until measured. */
+  latency: string | null;
+  /** How the latency was measured, or null. */
+  latencyNote: string | null;
+  /** The report can ask the host to measure latency: an ONNX model and its fused output. */
+  canMeasure: boolean;
+}
+
+/** `−10.0 %`, `+2 %`, `±0 %` (one decimal below 10 %). */
+export function changeText(before: number, after: number): string {
+  if (!(before > 0)) return '-';
+  const pct = ((after - before) / before) * 100;
+  const a = Math.abs(pct);
+  return `${pct < 0 ? '−' : pct > 0 ? '+' : '±'}${a < 10 ? a.toFixed(1) : a.toFixed(0)} %`;
+}
+
+function latencyLines(l: NonNullable<Benefit['latencyMs']>): { latency: string; latencyNote: string } {
+  return {
+    latency: `${fmtNum(l.before)} ms → ${fmtNum(l.after)} ms · ${speedup(l.before, l.after)}`,
+    latencyNote: `onnxruntime with its default optimizations, ${l.threads ? `${l.threads} threads` : 'its default threads'} for both; median of ${l.runs} runs each after a warm-up${l.scope === 'blocks' ? '; the one-block models, summed' : ''}.`,
+  };
+}
+
+export function benefitView(r: FuseReport): BenefitView | null {
+  const b = r.benefit;
+  if (!b || !r.output) return null;
+  const uncounted = b.uncounted?.length ? (b.uncounted.length <= 5 ? b.uncounted.join(', ') : `${b.uncounted.slice(0, 5).join(', ')} and ${b.uncounted.length - 5} more`) : null;
+  return {
+    macs: `${fmtCount(b.macsBefore)} → ${fmtCount(b.macsAfter)} (${changeText(b.macsBefore, b.macsAfter)})`,
+    scope:
+      b.macsScope === 'model'
+        ? 'Multiply-accumulates of every Conv, Gemm and MatMul at batch 1 and the input shapes (Conv = N·Cout·H′·W′·(Cin/g)·kh·kw, Gemm/MatMul = M·K·N).'
+        : 'A checkpoint has no graph and no spatial size: only the fused blocks’ convolutions, per output position (Cout·(Cin/g)·kh·kw).',
+    uncounted,
+    blocks: b.blocks.map((x) => ({ name: x.block, before: fmtCount(x.macsBefore), after: fmtCount(x.macsAfter), change: changeText(x.macsBefore, x.macsAfter) })),
+    ...(b.latencyMs ? latencyLines(b.latencyMs) : { latency: null, latencyNote: null }),
+    canMeasure: r.format === 'onnx',
+  };
+}
+
+/** The view after "Measure speed-up": the latency line, and the speed-up in the headline. */
+export function withLatency(v: ReportView, l: NonNullable<Benefit['latencyMs']>): ReportView {
+  if (!v.benefit) return v;
+  const headline = v.headline.replace(/ · (\d+(\.\d+)?× (faster|slower)|same speed|speed not measured)$/, '');
+  return { ...v, headline: `${headline} · ${speedup(l.before, l.after)}`, benefit: { ...v.benefit, ...latencyLines(l) } };
 }
 
 export function verdictOf(r: FuseReport): Verdict {
@@ -104,6 +164,7 @@ export function reportView(r: FuseReport): ReportView {
       : null,
     validationSkipped: r.validationSkipped ?? null,
     timings: Object.entries(r.timingsMs).map(([k, n]) => ({ label: k, value: ms(n) })),
+    benefit: benefitView(r),
   };
 }
 
