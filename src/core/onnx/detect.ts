@@ -1,9 +1,9 @@
 // Block detection on an ONNX graph, in three steps (see the end of detect()): Add trees whose leaves
 // are parallel branches of one input, optionally followed by a BatchNormalization; linear regions
 // those trees cannot express (region.ts) and BN → Gemm folds; standalone Conv → BN pairs.
-import { guessOnnxFamily } from '../families';
+import { familyByLabel, guessOnnxFamily } from '../families';
 import { dtypeName, isFloatType } from '../dtype';
-import type { BlockInfo, BranchInfo, FoldInfo, RejectedCandidate } from '../model';
+import type { BlockInfo, BranchInfo, BranchKind, FoldInfo, RejectedCandidate } from '../model';
 import { type ConstRef, GraphIndex, commonScopeName } from './graph';
 import { attrFloat, attrInt, attrInts, attrString, numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
 import { ConstFolder, findGemmFolds, findRegions, fuseRegion, nodeLabel, regionDtype, RegionReject } from './region';
@@ -662,15 +662,25 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
     const [cout, ipg, ...kernel] = fused.shape;
     const stride = fused.stride;
     const dtype = regionDtype(cand, model);
+    const branches = regionBranches(cand.x, cand.y, cand.data, index);
+    const postBN = index.producer.get(cand.y)?.opType === 'BatchNormalization' && branches.length > 1;
+    const guess = guessOnnxFamily({
+      names: names.join(' '),
+      kinds: branches.map((b) => b.kind),
+      postBN,
+      scaled: branches.some((b) => b.scaled),
+      asym: kernel.length > 1 && new Set(kernel).size > 1,
+      depthwise: fused.groups > 1 && fused.groups === fused.inChannels && fused.inChannels === cout,
+    });
     const info: BlockInfo = {
       name,
-      family: regionFamily(names.join(' ')),
+      family: familyByLabel(guess) ? guess : regionFamily(names.join(' ')),
       kernel,
       stride,
       groups: fused.groups,
       inChannels: fused.inChannels,
       outChannels: cout,
-      branches: regionBranches(cand.x, cand.y, cand.data, index),
+      branches,
       activation: activationOf(index, cand.y),
       output: cand.y,
       paramsBefore: fused.paramsBefore,
@@ -782,14 +792,19 @@ function regionBranches(x: string, y: string, data: OnnxNode[], index: GraphInde
     t = ins[0];
   }
   const terms: string[] = [];
-  const collect = (n: OnnxNode) => {
-    for (const i of n.inputs) {
+  const negated = new Set<string>();
+  const collect = (n: OnnxNode, neg: boolean) => {
+    n.inputs.forEach((i, k) => {
       const p = index.producer.get(i);
-      if (p && set.has(p) && ['Add', 'Sum', 'Sub'].includes(p.opType) && index.consumersOf(i).length === 1 && p.inputs.filter((j) => j === x || (index.producer.get(j) && set.has(index.producer.get(j)!))).length >= 2) collect(p);
-      else if (i === x || (p && set.has(p))) terms.push(i);
-    }
+      const minus = neg !== (n.opType === 'Sub' && k === 1);
+      if (p && set.has(p) && ['Add', 'Sum', 'Sub'].includes(p.opType) && index.consumersOf(i).length === 1 && p.inputs.filter((j) => j === x || (index.producer.get(j) && set.has(index.producer.get(j)!))).length >= 2) collect(p, minus);
+      else if (i === x || (p && set.has(p))) {
+        terms.push(i);
+        if (minus) negated.add(i);
+      }
+    });
   };
-  if (join) collect(join);
+  if (join) collect(join, false);
   else terms.push(y);
   return terms.map((term) => {
     const path: OnnxNode[] = [];
@@ -807,11 +822,31 @@ function regionBranches(x: string, y: string, data: OnnxNode[], index: GraphInde
     const convs = path.filter((n) => n.opType === 'Conv');
     const bns = path.filter((n) => n.opType === 'BatchNormalization');
     const parts = path.filter((n) => n.opType !== 'Shape' && n.opType !== 'Constant').map((n) => n.name || n.outputs[0]).reverse();
-    if (term === x) return { kind: 'identity', hasBias: false, hasBN: false, params: 0, parts: [] };
-    if (!convs.length && bns.length === 1 && path.filter((n) => n.opType !== 'Identity').length === 1) return { kind: 'bn_identity', hasBias: false, hasBN: true, epsilon: attrFloat(bns[0], 'epsilon', 1e-5), epsilonSource: 'model', params: 0, parts };
+    const subtracted = negated.has(term) || undefined;
+    if (term === x) return { kind: 'identity', hasBias: false, hasBN: false, params: 0, parts: [], subtracted };
+    if (!convs.length && bns.length === 1 && path.filter((n) => n.opType !== 'Identity').length === 1) {
+      return { kind: 'bn_identity', hasBias: false, hasBN: true, epsilon: attrFloat(bns[0], 'epsilon', 1e-5), epsilonSource: 'model', params: 0, parts, subtracted };
+    }
     const kernel = convs.length === 1 ? (attrInts(convs[0], 'kernel_shape') ?? undefined) : undefined;
+    const dilated = convs.some((n) => (attrInts(n, 'dilations') ?? []).some((d) => d !== 1));
+    // Convolutions in series (one reads what another computed), not side by side.
+    const inPath = new Set(path);
+    const series = convs.some((c) => {
+      const stack = [c.inputs[0]];
+      const seen = new Set<string>();
+      while (stack.length) {
+        const p = index.producer.get(stack.pop()!);
+        if (!p || !inPath.has(p) || seen.has(p.outputs[0])) continue;
+        seen.add(p.outputs[0]);
+        if (p.opType === 'Conv') return true;
+        for (const i of p.inputs) if (i) stack.push(i);
+      }
+      return false;
+    });
+    const kind: BranchKind = path.some((n) => n.opType === 'AveragePool') ? 'avgpool' : series ? 'sequential' : dilated ? 'dilated' : bns.length ? 'conv_bn' : 'conv';
     return {
-      kind: bns.length ? 'conv_bn' : 'conv',
+      kind,
+      subtracted,
       kernel,
       hasBias: convs.some((n) => !!n.inputs[2]),
       hasBN: bns.length > 0,
