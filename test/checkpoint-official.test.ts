@@ -201,6 +201,7 @@ describe('state_dicts of the classification families: fused = the official conve
     ['fastvit', 'FastViT RepMixer', 3],
     ['fastvit', 'FastViT RepCPE', 2],
     ['fastvit', 'ReparamLargeKernelConv', 3],
+    ['unireplknet', 'UniRepLKNet DilatedReparamBlock', 4],
     ['repvgg', 'RepVGG', -1],
     ['mobileone', 'MobileOne', -1],
   ];

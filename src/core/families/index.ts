@@ -16,6 +16,7 @@ import replknet from './replknet';
 import repvit from './repvit';
 import type { FamilyDef, OnnxFacts } from './types';
 import ultralytics_repconv from './ultralytics_repconv';
+import unireplknet from './unireplknet';
 import ultralytics_repvggdw from './ultralytics_repvggdw';
 import yolov6 from './yolov6';
 import yolov7 from './yolov7';
@@ -33,6 +34,7 @@ export const FAMILY_LIST = [
   repvgg,
   mobileone,
   replknet,
+  unireplknet,
   dbb,
   acnet,
   ppyoloe,
