@@ -20,12 +20,13 @@ import type { FuseReport } from '../src/core/report';
 import { openTorch } from '../src/core/torch/load';
 import { writeTorchZip } from '../src/core/torch/save';
 import { NewTensor, readTensor, readTensorBytes, type TorchTensor } from '../src/core/torch/tensor';
-import { PyDict, PyObject, PyTuple, type PyValue, pyNumber } from '../src/core/torch/values';
+import { PyBoundMethod, PyDict, PyObject, PyTuple, type PyValue, pyNumber } from '../src/core/torch/values';
 import { defaultFuseOptions, fuse, type FuseOptions, inspect } from '../src/engine';
 import {
   blockDeployKeys,
   expectedStateDictKeys,
   familyLabel,
+  familyOf,
   fixturePath,
   fusedName,
   fusedWeightShape,
@@ -275,7 +276,8 @@ function checkFusedStateDict(fx: ManifestFile, output: string, dtype?: DType): v
         assert.ok(out.tensors.has(kk), `${k} must stay (QARepVGG keeps its post-add BN)`);
         if (dtype === undefined) assert.ok(sameBytes(out.tensors.get(kk)!, input.tensors.get(inKey(kk))!), `${k}: kept BN unchanged`);
       }
-      assert.ok(b.deploy_keys.every((k) => out.tensors.has(k.startsWith(fx.prefix) ? k.slice(fx.prefix.length) : k)), `${b.name}: every manifest deploy key present`);
+      const deployKeys = new Set(expectedStateDictKeys({ ...fx, blocks: [b], deploy_state_dict_keys: b.deploy_keys }));
+      assert.ok([...deployKeys].every((k) => out.tensors.has(k)), `${b.name}: every manifest deploy key present`);
     }
     assert.ok(!keys.some((k) => /(^|\.)alpha$/.test(k)), 'PP-YOLOE alpha is folded and dropped');
   } finally {
@@ -413,7 +415,13 @@ function checkDeployCheckpoint(fx: ManifestFile, output: string, dtype?: DType):
       assert.equal(pyNumber(cst.get('in_channels')), b.in, `${p}: in_channels`);
       assert.equal(pyNumber(cst.get('out_channels')), b.out, `${p}: out_channels`);
       // Everything else in the block object is untouched.
-      const drop = ['_modules', b.deploy_name, ...b.removed_children, ...Object.keys(b.deploy_flag ?? {})];
+      // The official conversions bind methods on the instance (Ultralytics: forward = forward_fuse).
+      const bound = familyOf(b).deploy.bindMethods ?? {};
+      for (const [k, m] of Object.entries(bound)) {
+        const bm = st.get(k);
+        assert.ok(bm instanceof PyBoundMethod && bm.self === n && bm.name === m, `${p}: ${k} bound to ${m}`);
+      }
+      const drop = ['_modules', b.deploy_name, ...b.removed_children, ...Object.keys(b.deploy_flag ?? {}), ...Object.keys(bound)];
       assert.deepEqual(attrDiffs(o, n, drop), [], `${p}: other block attributes changed`);
       for (const [k, v] of (o.state as PyDict).get('_modules') as PyDict) {
         if (typeof k === 'string' && !b.removed_children.includes(k)) assert.equal(pyDiff(v, mods.get(k)), undefined, `${p}.${k} changed`);
@@ -441,7 +449,10 @@ describe('fuse: every fixture file', { concurrency: 2, skip: haveTorchFixtures ?
       assert.equal(hash, fx.sha256, 'the fixture is the one the manifest describes');
       const dir = freshDir();
       const output = fusedName(fx, dir);
-      const r = await fuseWith(input, { output });
+      // The manifest describes the blocks' deploy layout; the whole-model Conv+BN folds that are on by
+      // default for YOLO module objects and RepViT are checked against the official code in
+      // deploy-official.test.ts.
+      const r = await fuseWith(input, { output, checkpointFoldBN: false });
       assert.equal(sha256(input), hash, 'the input is unchanged');
       assert.deepEqual(fs.readdirSync(dir), [path.basename(output)], 'only the output in the folder: no temp files');
       // The report.
@@ -545,7 +556,8 @@ describe('fuse: options and output forms', { skip: haveTorchFixtures ? false : '
     assert.match(ins.model.layout ?? '', /'ema' entry/);
     assert.match(ins.model.notes.join('\n'), /'ema' and 'model' hold modules; inspected: 'ema'|'model' and 'ema' hold modules; inspected: 'ema'/);
     const out = path.join(dir, 'both.fused.pt');
-    const r = await fuseWith(both, { output: out });
+    // Blocks only (the manifest's deploy keys); the default Conv+BN fold is in deploy-official.test.ts.
+    const r = await fuseWith(both, { output: out, checkpointFoldBN: false });
     assert.equal(r.validation?.passed, true);
     const t = openTensors(out);
     try {

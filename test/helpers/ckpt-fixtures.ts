@@ -104,21 +104,39 @@ export const fixturePath = (fx: ManifestFile | string): string => path.join(torc
 
 export const isFullModule = (fx: ManifestFile): boolean => fx.form === 'full_module' || fx.form === 'full_module_ema';
 
-/** The label RepFuse gives each fixture family (and, for Ultralytics, class): from the family registry. */
-export function familyLabel(b: ManifestBlock): string {
+/** The registry family of a fixture block (Ultralytics: by class). */
+export function familyOf(b: ManifestBlock) {
   const id = b.family === 'ultralytics' ? (b.class === 'RepVGGDW' ? 'ultralytics_repvggdw' : 'ultralytics_repconv') : b.family;
   if (!isFamilyId(id)) throw new Error(`no family '${b.family}' in the registry`);
-  return FAMILIES[id].label;
+  return FAMILIES[id];
 }
+
+/** The label RepFuse gives each fixture family (and, for Ultralytics, class): from the family registry. */
+export function familyLabel(b: ManifestBlock): string {
+  return familyOf(b).label;
+}
+
+/**
+ * Where a block's fused conv lives in the state_dict: `<block>.<deploy_name>`, or `<block>` itself
+ * when the official conversion replaces the block by its conv (RepViT's replace_batchnorm; the
+ * self-written fixture modules keep a `conv` child, so the manifest names that).
+ */
+const deployBase = (b: ManifestBlock): string => (familyOf(b).deploy.replaceBlock ? b.name : `${b.name}.${b.deploy_name}`);
 
 /** The keys RepFuse writes when fusing `fx` into a state_dict: the manifest's deploy keys, `module.` stripped. */
 export function expectedStateDictKeys(fx: ManifestFile): string[] {
-  return fx.deploy_state_dict_keys.map((k) => (fx.prefix && k.startsWith(fx.prefix) ? k.slice(fx.prefix.length) : k));
+  const keys = fx.deploy_state_dict_keys.map((k) => (fx.prefix && k.startsWith(fx.prefix) ? k.slice(fx.prefix.length) : k));
+  const moved = new Map<string, string>();
+  for (const b of fx.blocks ?? []) {
+    if (!familyOf(b).deploy.replaceBlock) continue;
+    for (const t of ['weight', 'bias']) moved.set(`${b.name}.${b.deploy_name}.${t}`, `${deployBase(b)}.${t}`);
+  }
+  return keys.map((k) => moved.get(k) ?? k);
 }
 
 /** The fused conv's `[weight, bias]` keys of a block (the manifest's deploy keys may also list kept ones, e.g. QARepVGG's bn). */
 export function blockDeployKeys(_fx: ManifestFile, b: ManifestBlock): [string, string] {
-  return [`${b.name}.${b.deploy_name}.weight`, `${b.name}.${b.deploy_name}.bias`];
+  return [`${deployBase(b)}.weight`, `${deployBase(b)}.bias`];
 }
 
 /** Where the fuse of `fx` goes in `dir`: `<stem>.fused.pt`, or `.safetensors` for a safetensors input. */

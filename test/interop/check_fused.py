@@ -312,9 +312,26 @@ def pickle_globals_in(data: bytes, start: int = 0) -> Tuple[List[str], int]:
     end = start
     stream = io.BytesIO(data)
     stream.seek(start)
-    for op, arg, pos in pickletools.genops(stream):
+    ops = list(pickletools.genops(stream))
+    getattr_memo: set = set()
+    # Strings by memo index (a method name written once is fetched from the memo afterwards).
+    strings: Dict[int, str] = {}
+    for j, (o, a, _) in enumerate(ops):
+        if o.name in ("BINPUT", "LONG_BINPUT", "PUT") and j and isinstance(ops[j - 1][1], str) and ops[j - 1][0].name.endswith(("UNICODE", "UNICODE8")):
+            strings[int(a)] = ops[j - 1][1]
+    for i, (op, arg, pos) in enumerate(ops):
         name = op.name
         val: Any = None
+        is_getattr = (name == "GLOBAL" and arg in ("__builtin__ getattr", "builtins getattr")) or (
+            name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in getattr_memo)
+        if is_getattr:
+            # A module's bound-method attribute (YOLO's Model.fuse(): forward = forward_fuse) is
+            # pickled as getattr(<the module, from the memo>, 'name'): allowed in exactly that shape.
+            if name == "GLOBAL" and i + 1 < len(ops) and ops[i + 1][0].name in ("BINPUT", "LONG_BINPUT"):
+                getattr_memo.add(int(ops[i + 1][1]))
+            found.append("builtins.getattr(bound method)" if bound_method_at(ops, i + 1, strings) else "__builtin__.getattr")
+            recent.append(None)
+            continue
         if name == "GLOBAL":
             mod, _, attr = arg.partition(" ")
             found.append(f"{mod}.{attr}")
@@ -342,6 +359,20 @@ def pickle_globals_in(data: bytes, start: int = 0) -> Tuple[List[str], int]:
     return found, end
 
 
+def bound_method_at(ops, i: int, strings: Dict[int, str]) -> bool:
+    """Whether ops[i:] read: [PUT] GET(obj) STRING(identifier) [PUT] TUPLE2 [PUT] REDUCE."""
+    names = [(o.name, a) for o, a, _ in ops[i:i + 8]]
+    names = [(n, a) for n, a in names if n not in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE")]
+    if len(names) < 4:
+        return False
+    (g, _), (sname, sval), (t, _), (r, _) = names[:4]
+    if sname in ("BINGET", "LONG_BINGET", "GET"):
+        sname, sval = "BINUNICODE", strings.get(int(sval))
+    return (g in ("BINGET", "LONG_BINGET", "GET") and sname in ("BINUNICODE", "SHORT_BINUNICODE")
+            and isinstance(sval, str) and sval.isidentifier() and not sval.startswith("_")
+            and t == "TUPLE2" and r == "REDUCE")
+
+
 def pickle_globals(path: str) -> List[str]:
     """Every GLOBAL of a torch file (zip: data.pkl; legacy: all five pickles)."""
     layout = torch_file_layout(path)["format"]
@@ -365,7 +396,8 @@ SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "collections.defaul
                         "numpy.dtype", "numpy.ndarray", "_codecs.encode", "models.",
                         "ultralytics.", "builtins.set", "builtins.frozenset", "builtins.slice",
                         "builtins.bytearray", "builtins.complex", "copyreg._reconstructor",
-                        "__builtin__.set", "datetime.datetime", "pathlib.PosixPath")
+                        "__builtin__.set", "datetime.datetime", "pathlib.PosixPath",
+                        "builtins.getattr(bound method)")
 UNSAFE_TORCH = ("torch.load", "torch.save", "torch.hub", "torch.ops", "torch.jit",
                 "torch.package", "torch.compile", "torch.utils.cpp_extension",
                 "torch._C._jit", "torch.serialization.load", "torch.backends",
@@ -475,6 +507,12 @@ def build_deploy_net(family: str):
     net = C.build_family(family, seed=C.FAMILIES.index(family))
     for _, m in rep_blocks(net):
         m.switch_to_deploy()
+    # RepViT's official replace_batchnorm puts the fused conv in the RepVGGDW block's place
+    # (token_mixer.0.weight), which is the layout RepFuse writes.
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, C.RepViTRepVGGDW) and not hasattr(child, "conv1"):
+                setattr(parent, name, child.conv)
     return net.eval()
 
 

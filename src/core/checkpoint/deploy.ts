@@ -146,15 +146,17 @@ export interface FoldPlan {
 }
 
 /**
- * Whether to fold: `mode` true/false as the user said; undefined = the default (full-module YOLO
- * checkpoints, where the official loaders run Model.fuse(), and RepViT, whose official conversion
- * replace_batchnorm always folds).
+ * Whether to fold: `mode` true/false as the user said; undefined = the default: YOLO module objects
+ * rewritten in deploy form (the official loaders run Model.fuse() on them; a state_dict output is
+ * for the deploy model as built, which keeps Conv+BN until fuse()), and RepViT, whose official
+ * conversion replace_batchnorm always folds. `kind`: what the tree was read from (a module's classes
+ * are checked); `writesModules`: the output keeps the module objects.
  */
-export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' | 'state_dict', mode: boolean | undefined, eps?: number): FoldPlan {
+export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' | 'state_dict', mode: boolean | undefined, eps?: number, writesModules = kind === 'module'): FoldPlan {
   const { set, why } = foldSetFor(root, blocks);
   if (mode === false) return { folds: [], notFolded: [] };
   if (!set) return { folds: [], notFolded: [], note: mode ? `--fold-bn: nothing folded: ${why}.` : undefined };
-  const on = mode ?? (set.id === 'repvit' || (set.yolo && kind === 'module'));
+  const on = mode ?? (set.id === 'repvit' || (set.yolo && kind === 'module' && writesModules));
   if (!on) return { folds: [], notFolded: [] };
   const claimed = (n: ModuleNode) => blocks.some((b) => n.path === b.node.path || n.path.startsWith(`${b.node.path}.`) || b.node.path.startsWith(`${n.path}.`));
   const epsOf = (n: ModuleNode): Pick<BNRef, 'eps' | 'epsSource'> => {
@@ -284,6 +286,16 @@ function implicitTensors(p: NonNullable<PlannedFold['implicit']>[number], dtype:
     weight: new NewTensor(dtype, shape.slice(), () => encodeFloats(values().weight, dtype), requiresGrad, asParameter),
     bias: new NewTensor(dtype, [shape[0]], () => encodeFloats(values().bias, dtype), requiresGrad, asParameter),
   };
+}
+
+/** Elements the fold adds to the state_dict minus those it removes (a BN's num_batches_tracked included). */
+export function foldParamsDelta(f: PlannedFold): number {
+  if (f.implicit) return 0;
+  const removed = f.rule.result === 'replace' ? [f.node] : [f.conv!.node, f.bn!.node];
+  let before = 0;
+  for (const r of removed) for (const n of walk(r)) for (const t of n.tensors.values()) before += numelOf(t.shape);
+  const shape = f.conv ? f.conv.weight.shape : f.linear ? f.linear.weight.shape : f.heads![0].linear!.weight.shape;
+  return numelOf(shape) + shape[0] - before;
 }
 
 // ----- fold math (float64, rounded once) --------------------------------------------------------

@@ -16,7 +16,7 @@ import { PyDict, PyObject, PyTuple, type PyValue, pyNumber } from '../torch/valu
 import { writeTorchZip } from '../torch/save';
 import { type CkptBlock, type CkptDetection, detectCheckpoint } from './detect';
 import { dropAux, type DropAuxResult, findAuxHeads } from './dropaux';
-import { deployBlockObject, deployStateDict, foldObject, type FoldPlan, type PlannedFold, planFolds } from './deploy';
+import { deployBlockObject, deployStateDict, foldObject, foldParamsDelta, type FoldPlan, type PlannedFold, planFolds } from './deploy';
 import { ckptBlockSpec } from './fuse';
 import { type CkptTensor, child, MAX_MODULE_DEPTH, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
 
@@ -311,6 +311,8 @@ export interface CheckpointWriteResult {
   notFolded: RejectedCandidate[];
   /** One line per fold plan (what was folded, as which official function does it). */
   foldNotes: string[];
+  /** Elements the folds add minus those they remove, in the weights RepFuse inspects. */
+  paramsDelta: number;
 }
 
 /** The fused weight and bias of a block as lazily produced tensors in `dtype`. */
@@ -354,8 +356,8 @@ export function fusedStateDict(w: WeightSet, dtype?: DType, folds: PlannedFold[]
 }
 
 /** The whole-model folds of a weight set for `--fold-bn` (undefined = the family's default). */
-export function checkpointFolds(w: WeightSet, foldBN: boolean | undefined, eps?: number): FoldPlan {
-  return planFolds(w.tree, w.detection.blocks, w.kind, foldBN, eps);
+export function checkpointFolds(w: WeightSet, foldBN: boolean | undefined, eps?: number, writesModules = false): FoldPlan {
+  return planFolds(w.tree, w.detection.blocks, w.kind, foldBN, eps, writesModules);
 }
 
 /** Converts every float parameter and buffer of a module tree to `dtype`, in place. */
@@ -388,6 +390,7 @@ export async function writeCheckpoint(a: CheckpointAnalysis, out: string, opts: 
     folds: plans.flatMap((p) => p.folds.flatMap((f) => (f.info ? [f.info] : []))),
     notFolded: plans.flatMap((p) => p.notFolded),
     foldNotes: plans.map((p) => p.note).filter((n): n is string => !!n),
+    paramsDelta: (plans[0]?.folds ?? []).reduce((acc, f) => acc + foldParamsDelta(f), 0),
   });
   if (ext === '.safetensors') {
     if (opts.keepModules) throw new RepFuseError('--keep-modules writes a .pt checkpoint, not .safetensors.', out);
@@ -401,7 +404,7 @@ export async function writeCheckpoint(a: CheckpointAnalysis, out: string, opts: 
     if (!a.modules.length || !a.torch) throw new RepFuseError('--keep-modules needs a checkpoint that holds module objects (a full-module pickle); this one holds a state_dict.', a.path);
     const plans: FoldPlan[] = [];
     for (const w of a.modules) {
-      const plan = checkpointFolds(w, opts.foldBN, opts.eps);
+      const plan = checkpointFolds(w, opts.foldBN, opts.eps, true);
       plans.push(plan);
       // A dtype applies to the whole module, not just the fused convs: no mixed precision.
       if (opts.dtype !== undefined) convertModuleTensors(w.module!, opts.dtype);
