@@ -254,3 +254,39 @@ describe('DBB full-module pickles (official DingXiaoH/DiverseBranchBlock fixture
     }
   });
 });
+
+describe('RepGhost (official ChengpengChen/RepGhost fixture)', { skip: have('repghost', 'train_full.pt') ? false : 'fixture missing' }, () => {
+  test('full-module pickle: every RepGhostModule fused equals the official switch_to_deploy (bare identity pair included)', (t) => {
+    const a = analyzeCheckpoint(fx('repghost', 'train_full.pt'));
+    try {
+      assert.deepEqual(a.report.rejected, []);
+      const rg = a.report.blocks.filter((b) => b.family === 'RepGhost');
+      assert.equal(rg.length, 6);
+      assert.equal(rg.filter((b) => b.branches.some((x) => x.kind === 'identity')).length, 2, 'the reparam_identity block has its (Identity, Identity) pair in ghost1 and ghost2');
+      const c = compareWithOfficial(a, readAll(fx('repghost', 'deploy_sd.pt')));
+      t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
+      assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
+    } finally {
+      a.close();
+    }
+  });
+
+  test('state_dict: the parameterless identity pair cannot show; the report says so, and the other blocks equal the official ones', () => {
+    const a = analyzeCheckpoint(fx('repghost', 'train_sd.pt'));
+    try {
+      const rg = a.report.blocks.filter((b) => b.family === 'RepGhost');
+      assert.equal(rg.length, 6);
+      for (const b of rg) assert.ok((b.assumptions ?? []).some((x) => /reparam_identity=False/.test(x)), b.name);
+      const official = readAll(fx('repghost', 'deploy_sd.pt'));
+      for (const b of a.primary.detection.blocks) {
+        const fused = fuseBlock(ckptBlockSpec(b));
+        const off = official.get(`${b.node.path}.cheap_operation.weight`)!;
+        const diff = Math.max(...fused.weight.map((v, i) => Math.abs(v - off.values[i])));
+        if (b.node.path.startsWith('5.')) assert.ok(diff > 0.5, `${b.node.path}: without its identity the block differs (${diff})`);
+        else assert.ok(diff < 1e-6, `${b.node.path}: ${diff}`);
+      }
+    } finally {
+      a.close();
+    }
+  });
+});

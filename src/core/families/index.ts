@@ -11,6 +11,7 @@ import mobileone from './mobileone';
 import ppyoloe from './ppyoloe';
 import qarepvgg from './qarepvgg';
 import qarepvggv2 from './qarepvggv2';
+import repghost from './repghost';
 import repvgg from './repvgg';
 import replknet from './replknet';
 import repvit from './repvit';
@@ -35,6 +36,7 @@ export const FAMILY_LIST = [
   mobileone,
   replknet,
   unireplknet,
+  repghost,
   dbb,
   acnet,
   ppyoloe,
