@@ -670,7 +670,7 @@ function structuralStride(r: RegionNodes, rank: number): number[] {
 }
 
 /** A spatial size at which the region runs, guessed from the integers its shape arithmetic holds. */
-function exportedSize(r: RegionNodes, consts: ConstFolder, rank: number, runs: (s: number[]) => boolean): number[] | undefined {
+function exportedSize(r: RegionNodes, consts: ConstFolder, rank: number, cin: number, runs: (s: number[]) => boolean): number[] | undefined {
   const values = new Set<number>();
   for (const n of r.nodes) {
     for (const i of n.inputs) {
@@ -683,14 +683,11 @@ function exportedSize(r: RegionNodes, consts: ConstFolder, rank: number, runs: (
   }
   const cands = new Set<number>();
   for (let d = 0; d <= 8; d++) for (const v of values) for (const c of [v - d, v + d]) if (c >= 1) cands.add(c);
-  const list = [...cands].slice(0, 400);
+  // Bounded: sizes a probe can afford, and a bounded number of tries.
+  const list = [...cands].filter((c) => c <= 2048 && cin * c ** rank <= 1 << 24).slice(0, 400);
   for (const h of list) if (runs(new Array(rank).fill(h))) return new Array(rank).fill(h);
-  if (rank === 2) {
-    let tries = 0;
-    for (const h of list) for (const w of list) {
-      if (h === w || ++tries > 2000) continue;
-      if (runs([h, w])) return [h, w];
-    }
+  if (rank === 2 && list.length <= 60) {
+    for (const h of list) for (const w of list) if (h !== w && cin * h * w <= 1 << 24 && runs([h, w])) return [h, w];
   }
   return undefined;
 }
@@ -733,7 +730,7 @@ export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphInde
     }
   };
   if (!runs(sizeA) || !runs(sizeB)) {
-    const found = exportedSize(r, consts, rank, runs);
+    const found = exportedSize(r, consts, rank, cin, runs);
     if (!found) evaluate(r, probeInput(cin, sizeA), consts); // throws the reason at a generic size
     sizeA = found!;
     sizeB = undefined;
