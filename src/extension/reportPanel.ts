@@ -4,7 +4,6 @@ import * as vscode from 'vscode';
 import type { FuseReport } from '../core/report';
 import type { ReportFromWebview, ReportState, ReportToWebview } from './protocol';
 import { type ReportView, reportView, SPEEDUP_RUNS, withLatency } from './view/reportView';
-import { measureSpeedup } from '../validate/session';
 import { oneLineError } from '../core/errors';
 import { readSettings } from './settings';
 import { webviewHtml, webviewOptions } from './webviewHtml';
@@ -63,7 +62,10 @@ export class ReportPanel {
           post({ type: 'measuring', running: true });
           const { settings } = readSettings(vscode.Uri.file(view.input));
           log.info(`measuring the latency of ${view.input} and ${output} (${SPEEDUP_RUNS} runs each)`);
-          measureSpeedup({ original: view.input, fused: output, runs: SPEEDUP_RUNS, inputShapes: settings.inputShapes, seed: 0 }, { timeoutMs: settings.timeoutMs, signal: ctl.signal, onProgress: (p) => log.info(p) }).then(
+          // Loaded on first use: activation stays free of child_process and the validation host.
+          import('../validate/session')
+            .then(({ measureSpeedup }) => measureSpeedup({ original: view.input, fused: output, runs: SPEEDUP_RUNS, inputShapes: settings.inputShapes, seed: 0 }, { timeoutMs: settings.timeoutMs, signal: ctl.signal, onProgress: (p) => log.info(p) }))
+            .then(
             (l) => {
               measuring = undefined;
               view = withLatency(view, { before: l.before, after: l.after, runs: l.runs, threads: l.threads, scope: l.scope });
