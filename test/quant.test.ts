@@ -176,6 +176,13 @@ test('official RepVGG (DingXiaoH/RepVGG): train_sd.pt analysed as fused scores a
   });
 });
 
+test('every official fixture with blocks: each block measured; RepViT classifier fuses into a Gemm and is measured too', async () => {
+  const q = await analyzeQuant(path.join(repoRoot, 'test', 'fixtures', 'official', 'repvit', 'train.onnx'), defaultQuantOptions);
+  const cls = q.blocks.find((b) => b.name === 'classifier')!;
+  assert.equal(q.tensors.find((t) => t.name === cls.weight)?.op, 'Gemm');
+  for (const b of q.blocks) assert.equal(b.outputSqnrDb.error, undefined, `${b.name}: ${b.outputSqnrDb.error}`);
+});
+
 describe('planted findings', () => {
   let onnxQ: QuantReport;
   let ckptQ: QuantReport;

@@ -76,7 +76,7 @@ async function runQuantModel(ort: Ort, req: QuantModelRequest, kit: WorkerKit): 
     const floats = new Map<string, { values: ArrayLike<number>; tensor: OrtTensor }>();
     for (const t of weights) {
       const values = readTensorValues(model, t);
-      if (t.dims.length < 2 || values.length !== numelOf(t.dims)) throw new RepFuseError(`weight '${t.name}' has shape ${t.dims.join('×')}, not a Conv weight.`, req.model);
+      if (t.dims.length < 2 || values.length !== numelOf(t.dims)) throw new RepFuseError(`weight '${t.name}' has shape ${t.dims.join('×')}, not a Conv/Gemm weight.`, req.model);
       // float32 (the usual case): the decoded array is the tensor's data, not a copy of it.
       const tensor = values instanceof Float32Array && t.dtype === DType.float32 ? new ort.Tensor('float32', values, t.dims) : weightTensor(ort, Float64Array.from(values), t.dtype, t.dims);
       floats.set(t.name, { values, tensor });
@@ -103,7 +103,7 @@ async function runQuantModel(ort: Ort, req: QuantModelRequest, kit: WorkerKit): 
       const t = weights[i];
       try {
         const values = floats.get(t.name)!.values;
-        const layout = channelLayout(t.dims, 0);
+        const layout = channelLayout(t.dims, b.axis);
         const perTensor = outputSqnr(ref, await run({ [t.name]: weightTensor(ort, fakeQuantInt8(values), t.dtype, t.dims) }));
         const perChannel = outputSqnr(ref, await run({ [t.name]: weightTensor(ort, fakeQuantInt8(values, layout), t.dtype, t.dims) }));
         blocks.push({ name: b.name, perTensor, perChannel });

@@ -5,11 +5,12 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { analyzeCheckpoint, checkpointBlockData, FAMILIES, fusedStateDict, writtenValues } from '../core/checkpoint';
+import { analyzeCheckpoint, checkpointBlockData, checkpointFolds, fusedStateDict, writtenValues } from '../core/checkpoint';
+import { blockDeployKeys } from '../core/checkpoint/deploy';
 import { keepsPostBN } from '../core/checkpoint/detect';
 import { ckptBlockSpec } from '../core/checkpoint/fuse';
 import { isFloatType } from '../core/dtype';
-import { FormatError, FusionError, RepFuseError } from '../core/errors';
+import { FormatError, FusionError } from '../core/errors';
 import { modelKind } from '../core/formats';
 import { fuseBlock } from '../core/fusion';
 import { readNpy } from '../core/npy';
@@ -22,7 +23,7 @@ import {
   analyzeTensor, blockVerdict, type BlockGains, type BlockQuant, branchGains, channelLayout, DEFAULT_THRESHOLD_DB, fakeQuantInt8,
   fallbackList, outputAxis, type QuantReport, type TensorQuant,
 } from '../core/quant';
-import { NewTensor, readTensor } from '../core/torch';
+import { readTensor } from '../core/torch';
 import { runInChild } from './index';
 import type { QuantMeasurement } from './quantProtocol';
 
@@ -49,7 +50,7 @@ interface Collected {
   format: string;
   fusedInMemory: boolean;
   tensors: TensorQuant[];
-  blocks: { name: string; family: string; weight: string; gains: BlockGains | null }[];
+  blocks: { name: string; family: string; weight: string; axis?: number; gains: BlockGains | null }[];
   notes: string[];
 }
 
@@ -105,9 +106,11 @@ async function quantOnnx(file: string, opts: QuantOptions): Promise<{ c: Collect
       const fi = new GraphIndex(fused);
       const blocks = a.detection.blocks.map((b) => {
         const conv = fi.producer.get(b.output);
-        const ref = conv?.opType === 'Conv' ? fi.constant(conv.inputs[1]) : undefined;
-        if (!ref) throw new RepFuseError(`internal error: the fused model has no Conv producing '${b.output}' (block '${b.info.name}').`, file);
-        return { name: b.info.name, family: b.info.family, weight: ref.initializer ?? conv!.inputs[1], gains: gains.get(b.info.name) ?? null };
+        const ref = conv && (conv.opType === 'Conv' || conv.opType === 'Gemm') ? fi.constant(conv.inputs[1]) : undefined;
+        // A block that fuses into something else than one Conv/Gemm with a constant weight is listed, not measured.
+        const weight = ref ? (ref.initializer ?? conv!.inputs[1]) : '';
+        const axis = conv?.opType === 'Gemm' ? outputAxis('Gemm', 2, attrInt(conv, 'transB', 0)) : 0;
+        return { name: b.info.name, family: b.info.family, weight, axis, gains: gains.get(b.info.name) ?? null };
       });
       const blockOfWeight = new Map(blocks.map((b) => [b.weight, b.name]));
       c = { format: 'onnx', fusedInMemory, tensors: onnxTensors(fused, blockOfWeight), blocks, notes };
@@ -118,7 +121,7 @@ async function quantOnnx(file: string, opts: QuantOptions): Promise<{ c: Collect
     if (opts.measure === false || !c.blocks.length) return { c, measured: null };
     opts.onProgress?.('measuring output SQNR with onnxruntime');
     const measured = await runInChild<QuantMeasurement>(
-      { type: 'quant-model', model: fusedPath, blocks: c.blocks.map((b) => ({ name: b.name, weight: b.weight })), inputs, seed: opts.seed },
+      { type: 'quant-model', model: fusedPath, blocks: c.blocks.filter((b) => b.weight).map((b) => ({ name: b.name, weight: b.weight, axis: b.axis ?? 0 })), inputs, seed: opts.seed },
       { timeoutMs: opts.timeoutMs, signal: opts.signal, onProgress: opts.onProgress },
       'the output SQNR was not measured',
     );
@@ -138,8 +141,11 @@ async function quantCheckpoint(file: string, opts: QuantOptions): Promise<{ c: C
   try {
     const w = a.primary;
     const notes: string[] = ['checkpoint: weights are state_dict tensors named *weight with 2 (Linear) to 5 (Conv) dimensions; output channels on axis 0'];
-    const byKey = new Map(w.detection.blocks.map((b) => [`${b.node.path}.${FAMILIES[b.family].deploy.module}.weight`, b]));
-    const sd = fusedStateDict(w);
+    const byKey = new Map(w.detection.blocks.map((b) => [`${blockDeployKeys(b).base}.weight`, b]));
+    // The family's default whole-model Conv+BN folds, as fuse writes them (full-module YOLO, RepViT).
+    const plan = checkpointFolds(w, undefined, opts.eps, a.modules.length > 0);
+    if (plan.folds.length) notes.push(`${plan.folds.length} Conv/Linear → BN pair(s) folded, as fuse does by default for this family`);
+    const sd = fusedStateDict(w, undefined, plan.folds);
     const written = new Map<string, { values: Float64Array; bias: Float64Array; shape: number[] }>();
     const tensors: TensorQuant[] = [];
     for (const [key, t] of sd) {
@@ -153,7 +159,7 @@ async function quantCheckpoint(file: string, opts: QuantOptions): Promise<{ c: C
         tensors.push(analyzeTensor(key, 'Conv', b.info.name, fused.shape, values, 0));
         continue;
       }
-      if (t instanceof NewTensor || !isFloatType(t.dtype) || t.shape.length < 2 || t.shape.length > 5 || !/(^|\.)weight$/.test(key)) continue;
+      if (!isFloatType(t.dtype) || t.shape.length < 2 || t.shape.length > 5 || !/(^|\.)weight$/.test(key)) continue;
       tensors.push(analyzeTensor(key, ckptOp(t.shape), null, t.shape, readTensor(t), 0));
     }
     const blocks = w.detection.blocks.map((b) => ({
@@ -168,7 +174,8 @@ async function quantCheckpoint(file: string, opts: QuantOptions): Promise<{ c: C
     const c: Collected = { format: a.format, fusedInMemory: w.detection.blocks.length > 0, tensors, blocks, notes };
     if (opts.measure === false || !blocks.length) return { c, measured: null };
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'repfuse-quant-'));
-    const pairs = w.detection.blocks.map((b, i) => {
+    // A block whose fused conv is not a state_dict weight here (none known today) stays unmeasured, with the reason.
+    const pairs = w.detection.blocks.filter((b) => written.has(b.info.name)).map((b, i) => {
       const spec = ckptBlockSpec(b);
       const { values, bias, shape } = written.get(b.info.name)!;
       const model = (weight: Float64Array) => buildBlockModels(spec, { shape, weight, bias }, b.stride);
@@ -212,7 +219,7 @@ export async function analyzeQuant(file: string, opts: QuantOptions): Promise<Qu
     const m = measured?.blocks.find((x) => x.name === b.name);
     const outputSqnrDb: BlockQuant['outputSqnrDb'] = m
       ? { perTensor: m.perTensor, perChannel: m.perChannel, scope, ...(m.error ? { error: m.error } : {}) }
-      : { perTensor: null, perChannel: null, scope, error: 'not measured' };
+      : { perTensor: null, perChannel: null, scope, error: b.weight ? 'not measured' : 'the fused block is not one Conv/Gemm weight here' };
     const partial = { name: b.name, family: b.family, weight: b.weight, outputSqnrDb, branchGains: b.gains };
     return { ...partial, verdict: blockVerdict(partial, tensorByName.get(b.weight), opts.thresholdDb) };
   });

@@ -8,8 +8,8 @@ export interface QuantModelRequest {
   type: 'quant-model';
   /** The float fused model (a temporary fuse of the input, or the input itself when nothing fuses). */
   model: string;
-  /** Blocks and the initializer holding each one's fused Conv weight (output channels on axis 0). */
-  blocks: { name: string; weight: string }[];
+  /** Blocks, the initializer holding each one's fused weight, and its output-channel axis (Conv 0; Gemm 1 − transB). */
+  blocks: { name: string; weight: string; axis: number }[];
   inputs: InputSpec[];
   seed: number;
 }
