@@ -176,7 +176,7 @@ test('official RepVGG (DingXiaoH/RepVGG): train_sd.pt analysed as fused scores a
   });
 });
 
-test('every official fixture with blocks: each block measured; RepViT classifier fuses into a Gemm and is measured too', async () => {
+test('official RepViT: every block measured, the classifier one (fused into a Gemm) included', async () => {
   const q = await analyzeQuant(path.join(repoRoot, 'test', 'fixtures', 'official', 'repvit', 'train.onnx'), defaultQuantOptions);
   const cls = q.blocks.find((b) => b.name === 'classifier')!;
   assert.equal(q.tensors.find((t) => t.name === cls.weight)?.op, 'Gemm');
