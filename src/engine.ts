@@ -380,8 +380,8 @@ async function fuseCheckpoint(input: string, opts: FuseOptions): Promise<FuseRep
     const converted = a.dropAux?.some((d) => d.converted) ?? false;
     if (a.dropAux) report.dropAux = a.dropAux;
     if (converted && !keepModules) throw new RepFuseError('--drop-aux rewrites the model objects: write a .pt checkpoint (without --state-dict).', input);
-    if (opts.fp16) report.inspect.model.notes.push(...enforceFp16(checkpointFp16(w), !!opts.forceFp16, input));
     const foldPlan = checkpointFolds(w, opts.checkpointFoldBN, opts.eps, keepModules);
+    if (opts.fp16) report.inspect.model.notes.push(...enforceFp16(checkpointFp16(w, foldPlan.folds), !!opts.forceFp16, input));
     if (!w.detection.blocks.length && !converted && !opts.fp16 && !foldPlan.folds.length) {
       if (foldPlan.note) report.inspect.model.notes.push(foldPlan.note);
       report.validationSkipped = 'nothing to fuse';

@@ -8,6 +8,7 @@ import { readTensorValues, type OnnxModel } from './onnx/reader';
 import type { NewTensor, Plan } from './onnx/writer';
 import { fp16Hazards } from './quant';
 import { fusedStateDict, type WeightSet } from './checkpoint';
+import type { PlannedFold } from './checkpoint/deploy';
 import { readTensor } from './torch';
 
 /**
@@ -152,10 +153,10 @@ export function planFp16(model: OnnxModel, plan: Plan): Fp16Check {
   return summarizeFp16(hazards, checked);
 }
 
-/** FP16 check of every float tensor of a checkpoint's fused state_dict (fused blocks included). */
-export function checkpointFp16(w: WeightSet): Fp16Check {
+/** FP16 check of every float tensor of a checkpoint's fused state_dict (fused blocks and folds included). */
+export function checkpointFp16(w: WeightSet, folds: PlannedFold[] = []): Fp16Check {
   const hazards: Fp16TensorHazard[] = [];
-  for (const [key, t] of fusedStateDict(w)) {
+  for (const [key, t] of fusedStateDict(w, undefined, folds)) {
     if (t.dtype !== DType.float32 && t.dtype !== DType.float64 && t.dtype !== DType.bfloat16 && t.dtype !== DType.float16) continue;
     hazards.push({ name: key, ...fp16Hazards(readTensor(t)) });
   }
