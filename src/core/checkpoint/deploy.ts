@@ -35,13 +35,15 @@ export interface FoldRule {
    */
   result: 'inplace' | 'replace';
   forward?: string;
+  /** The new parameters require grad (a plain new nn.Conv2d); default false (fuse_conv_and_bn's requires_grad_(False)). */
+  requiresGrad?: boolean;
   /** The official code this mirrors. */
   official: string;
 }
 
 /** A model family's whole-model fold: which rules, and the official function. */
 export interface FoldSet {
-  id: 'yolov6' | 'yolov7' | 'yolov9' | 'ultralytics' | 'repvit';
+  id: 'yolov6' | 'yolov7' | 'yolov9' | 'ultralytics' | 'repvit' | 'dbb';
   label: string;
   rules: FoldRule[];
   /** Full-module checkpoints of this family are folded by default (the official loaders fuse them). */
@@ -88,6 +90,15 @@ export const FOLD_SETS: Record<FoldSet['id'], FoldSet> = {
     // `type(m) is ConvModule`.
     rules: [yoloConv(['ConvModule'], 'forward_fuse', 'meituan/YOLOv6 yolov6/utils/torch_utils.py fuse_model: fuse_conv_and_bn, delattr bn, forward = forward_fuse')],
   },
+  dbb: {
+    id: 'dbb',
+    label: 'DBB convert.py (ConvBN.switch_to_deploy)',
+    yolo: false,
+    epsFamily: 'dbb',
+    // The official convert.py calls switch_to_deploy on every module: ConvBN folds into a new
+    // `conv` (with bias) and deletes `bn`; its forward checks hasattr(self, 'bn'), nothing is bound.
+    rules: [{ classes: ['ConvBN'], kind: 'conv_bn', first: 'conv', second: 'bn', result: 'inplace', requiresGrad: true, official: 'DingXiaoH/DiverseBranchBlock convnet_utils.py ConvBN.switch_to_deploy (convert.py)' }],
+  },
   repvit: {
     id: 'repvit',
     label: 'RepViT replace_batchnorm()',
@@ -110,6 +121,7 @@ export function foldSetFor(root: ModuleNode, blocks: CkptBlock[]): { set?: FoldS
   for (const n of walk(root)) if (n.className) classes.add(n.className);
   const has = (re: RegExp) => [...classes].some((c) => re.test(c));
   if (fams.has('repvit') || has(/(^|\.)(Conv2d_BN|BN_Linear|Classfier)$/)) return { set: FOLD_SETS.repvit };
+  if (fams.has('dbb') || has(/(^|\.)(DiverseBranchBlock|convnet_utils\.ConvBN)$/)) return { set: FOLD_SETS.dbb };
   if (fams.has('yolov6') || fams.has('qarepvgg') || fams.has('qarepvggv2') || has(/^yolov6\./)) return { set: FOLD_SETS.yolov6 };
   if ([...fams].some((f) => f.startsWith('ultralytics')) || has(/^ultralytics\./)) return { set: FOLD_SETS.ultralytics };
   const v7 = fams.has('yolov7') || has(/^models\.(yolo\.(IDetect|IAuxDetect|IBin|IKeypoint)|common\.(RepConv|SPPCSPC|ReOrg|MP))$/);
@@ -156,7 +168,8 @@ export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' 
   const { set, why } = foldSetFor(root, blocks);
   if (mode === false) return { folds: [], notFolded: [] };
   if (!set) return { folds: [], notFolded: [], note: mode ? `--fold-bn: nothing folded: ${why}.` : undefined };
-  const on = mode ?? (set.id === 'repvit' || (set.yolo && kind === 'module' && writesModules));
+  // RepViT's and DBB's official conversions always fold; YOLO repos fold in Model.fuse() on modules.
+  const on = mode ?? (!set.yolo || (kind === 'module' && writesModules));
   if (!on) return { folds: [], notFolded: [] };
   const claimed = (n: ModuleNode) => blocks.some((b) => n.path === b.node.path || n.path.startsWith(`${b.node.path}.`) || b.node.path.startsWith(`${n.path}.`));
   const epsOf = (n: ModuleNode): Pick<BNRef, 'eps' | 'epsSource'> => {
@@ -520,6 +533,30 @@ function requiresGradOf(template: PyObject): boolean {
   return w instanceof TorchTensor ? w.requiresGrad : w instanceof NewTensor ? w.requiresGrad : true;
 }
 
+/**
+ * Families whose official conversion ends with `for para in self.parameters(): para.detach_()`:
+ * every parameter left in the block, the new conv's included, stops requiring grad.
+ */
+const DETACHES = new Set<string>(['repvgg', 'yolov6', 'qarepvgg', 'qarepvggv2', 'mobileone', 'dbb', 'ultralytics_repconv', 'yolov9']);
+
+/** `para.detach_()` on every parameter of a module tree: requires_grad becomes False. */
+function detachParameters(root: PyObject): void {
+  const seen = new Set<PyObject>();
+  const visit = (o: PyObject) => {
+    if (seen.has(o)) return;
+    seen.add(o);
+    const params = (o.state as PyDict).get('_parameters');
+    if (params instanceof PyDict) {
+      for (const [k, v] of params) {
+        if (v instanceof TorchTensor && v.requiresGrad) params.set(k, v.asParameter(false));
+        else if (v instanceof NewTensor && v.requiresGrad) params.set(k, new NewTensor(v.dtype, v.shape, v.storage, false, v.isParameter));
+      }
+    }
+    for (const [, c] of modulesOf(o)) if (isModuleObject(c)) visit(c);
+  };
+  visit(root);
+}
+
 /** Deletes an attribute the way `del module.name` does: from _modules, _parameters, _buffers or __dict__. */
 function deleteAttr(obj: PyObject, name: string): void {
   const st = obj.state as PyDict;
@@ -571,6 +608,7 @@ export function deployBlockObject(block: CkptBlock, root: PyObject, fused: (b: C
   }
   for (const [k, v] of Object.entries(lay.setAttrs ?? {})) st.set(k, v);
   for (const [k, m] of Object.entries(lay.bindMethods ?? {})) st.set(k, new PyBoundMethod(obj, m));
+  if (DETACHES.has(block.family)) detachParameters(obj);
 }
 
 /** Applies one planned fold to the module objects under `root`, in place, as the official fuse does. */
@@ -594,8 +632,8 @@ export function foldObject(f: PlannedFold, root: PyObject, dtype?: DType): void 
   if (f.rule.result === 'inplace') {
     const conv = modulesOf(obj).get(f.rule.first);
     if (!isModuleObject(conv)) throw new RepFuseError(`'${f.node.path}.${f.rule.first}' is not a module object.`);
-    // fuse_conv_and_bn: a new nn.Conv2d(..., bias=True).requires_grad_(False).
-    const { weight, bias } = foldTensors(f, dt, true, false);
+    // fuse_conv_and_bn: a new nn.Conv2d(..., bias=True).requires_grad_(False) (DBB's ConvBN: a plain new Conv2d).
+    const { weight, bias } = foldTensors(f, dt, true, f.rule.requiresGrad ?? false);
     modulesOf(obj).set(f.rule.first, moduleLike(conv, weight, bias));
     deleteAttr(obj, f.rule.second);
     if (f.rule.forward) (obj.state as PyDict).set('forward', new PyBoundMethod(obj, f.rule.forward));
