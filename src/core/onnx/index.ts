@@ -100,5 +100,9 @@ export function fileExists(p: string): boolean {
 export function onnxBlockData(a: Analysis, blockName: string): BlockData {
   const b = a.detection.blocks.find((x) => x.info.name === blockName);
   if (!b) throw new RepFuseError(`no block named '${blockName}'.`, a.model.path);
-  return blockDataFromSpec(b.info, blockSpec(a.model, b));
+  if (!b.fused) return blockDataFromSpec(b.info, blockSpec(a.model, b));
+  // A linear region's branches are not separate terms of the fused kernel (they pass through shared
+  // scales and pads): its statistics show the one convolution it equals.
+  const whole = { kind: 'conv' as const, kernel: b.kernel, hasBias: true, hasBN: false, params: b.info.paramsBefore, dtype: dtypeName(b.dtype), parts: b.info.branches.flatMap((br) => br.parts) };
+  return blockDataFromSpec({ ...b.info, branches: [whole] }, blockSpec(a.model, b));
 }
