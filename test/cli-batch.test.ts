@@ -97,7 +97,7 @@ describe('benefit: MACs and --latency in text and JSON', () => {
   it('--latency 3: the latency line, the speed-up in the verdict, latencyMs in JSON', async () => {
     const t = await cli('fuse', a, '--force', '--latency', '3');
     assert.equal(t.code, 0, t.stderr);
-    assert.match(t.stdout, /MACs \(batch 1, Conv\/Gemm\/MatMul at the input shapes\): 1\.53M → 1\.40M \(-8\.6 %\)/);
+    assert.match(t.stdout, /MACs \(batch 1, Conv\/Gemm\/MatMul at the input shapes\): 1\.53M → 1\.40M \(−8\.6 %\)/);
     assert.match(t.stdout, /latency \(onnxruntime, default optimizations, default threads, median of 3 runs after a warm-up\): [\d.e-]+ ms → [\d.e-]+ ms, (\d+(\.\d+)?× (faster|slower)|same speed)/);
     assert.match(t.stdout, /· passed · MACs −8\.6 % · (\d+(\.\d+)?× (faster|slower)|same speed)\n$/);
     const j = await cli('fuse', a, '--force', '--latency', '3', '--json');

@@ -194,7 +194,7 @@ describe('MACs by hand on known geometry', () => {
     );
     // −9.9 %: (129 104 − 143 440) / 143 440.
     assert.deepEqual(benefitParts(bf), ['MACs −10.0 %']);
-    assert.match(renderBenefit(bf), /MACs \(batch 1, Conv\/Gemm\/MatMul at the input shapes\): 143\.4k → 129\.1k \(-10\.0 %\)/);
+    assert.match(renderBenefit(bf), /MACs \(batch 1, Conv\/Gemm\/MatMul at the input shapes\): 143\.4k → 129\.1k \(−10\.0 %\)/);
   });
 
   it('checkpoints: blocks per output position from their geometry; a sequential branch is named, not guessed', () => {

@@ -259,13 +259,17 @@ export function verdictLine(r: FuseReport): string {
 export function benefitParts(b: Benefit | undefined): string[] {
   if (!b) return [];
   const out: string[] = [];
-  if (b.macsBefore > 0) {
-    const pct = ((b.macsAfter - b.macsBefore) / b.macsBefore) * 100;
-    const sign = pct < 0 ? '−' : pct > 0 ? '+' : '±';
-    out.push(`${b.macsScope === 'model' ? 'MACs' : 'block MACs'} ${sign}${Math.abs(pct) < 10 ? Math.abs(pct).toFixed(1) : Math.abs(pct).toFixed(0)} %`);
-  }
+  if (b.macsBefore > 0) out.push(`${b.macsScope === 'model' ? 'MACs' : 'block MACs'} ${changeText(b.macsBefore, b.macsAfter)}`);
   if (b.latencyMs) out.push(speedup(b.latencyMs.before, b.latencyMs.after));
   return out;
+}
+
+/** `−10.0 %`, `+2 %`, `±0.0 %` (one decimal below 10 %); `-` without a base. */
+export function changeText(before: number, after: number): string {
+  if (!(before > 0)) return '-';
+  const pct = ((after - before) / before) * 100;
+  const a = Math.abs(pct);
+  return `${pct < 0 ? '−' : pct > 0 ? '+' : '±'}${a < 10 ? a.toFixed(1) : a.toFixed(0)} %`;
 }
 
 /** `1.7× faster` / `1.1× slower` / `same speed`. */
@@ -281,7 +285,7 @@ export function speedup(before: number, after: number): string {
 /** The benefit section of the text report: per block and total MACs, latency. */
 export function renderBenefit(b: Benefit): string {
   const out: string[] = [];
-  const pct = (x: number, y: number) => (x > 0 ? `${(((y - x) / x) * 100).toFixed(1)} %` : '-');
+  const pct = changeText;
   if (b.macsScope === 'model') out.push(`MACs (batch 1, Conv/Gemm/MatMul at the input shapes): ${fmtCount(b.macsBefore)} → ${fmtCount(b.macsAfter)} (${pct(b.macsBefore, b.macsAfter)})`);
   else out.push(`MACs per output position of the fused blocks (a checkpoint has no graph or spatial size; the rest of the network is not counted): ${fmtCount(b.macsBefore)} → ${fmtCount(b.macsAfter)} (${pct(b.macsBefore, b.macsAfter)})`);
   if (b.uncounted?.length) out.push(`not counted (shapes unknown): ${b.uncounted.length <= 5 ? b.uncounted.join(', ') : `${b.uncounted.slice(0, 5).join(', ')} and ${b.uncounted.length - 5} more`}`);

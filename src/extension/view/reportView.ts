@@ -1,6 +1,6 @@
 // The fuse report as the report webview and the notifications show it: display-ready rows built
 // from a FuseReport (the same numbers as the CLI's tables). Pure.
-import { type Benefit, fmtBytes, fmtCount, fmtNum, type FuseReport, speedup, type TensorDiff, verdictLine } from '../../core/report';
+import { type Benefit, changeText, fmtBytes, fmtCount, fmtNum, type FuseReport, speedup, type TensorDiff, verdictLine } from '../../core/report';
 import { baseName } from './format';
 
 export type Verdict = 'passed' | 'failed' | 'unvalidated' | 'nothing';
@@ -63,13 +63,7 @@ export interface BenefitView {
   canMeasure: boolean;
 }
 
-/** `−10.0 %`, `+2 %`, `±0 %` (one decimal below 10 %). */
-export function changeText(before: number, after: number): string {
-  if (!(before > 0)) return '-';
-  const pct = ((after - before) / before) * 100;
-  const a = Math.abs(pct);
-  return `${pct < 0 ? '−' : pct > 0 ? '+' : '±'}${a < 10 ? a.toFixed(1) : a.toFixed(0)} %`;
-}
+export { changeText };
 
 function latencyLines(l: NonNullable<Benefit['latencyMs']>): { latency: string; latencyNote: string } {
   return {
