@@ -244,7 +244,8 @@ test('settings: defaults', () => {
   assert.equal(settings.rtol, 1e-3);
   assert.equal(settings.timeoutMs, 300_000);
   assert.equal(settings.fusedSuffix, '.fused');
-  assert.deepEqual(settings.inspect, { foldBN: true, checkpoint: { defaultEpsilon: 'auto', outputDtype: 'keep' } });
+  assert.deepEqual(settings.inspect, { foldBN: true, checkpoint: { defaultEpsilon: 'auto', outputDtype: 'keep', foldBN: 'auto' } });
+  assert.equal(settings.dropAux, false);
 });
 
 test('settings: values and input shapes', () => {
@@ -258,13 +259,14 @@ test('settings: values and input shapes', () => {
     foldStandaloneBatchNorm: false,
     defaultEpsilon: 1e-5,
     outputDtype: 'float16',
+    checkpointFoldBN: 'off',
   });
   assert.deepEqual(problems, []);
   assert.equal(settings.validate, false);
   assert.deepEqual(settings.inputShapes, { images: [1, 3, 640, 640], mask: [2, 1, 8] });
   assert.equal(settings.timeoutMs, 30_000);
   assert.equal(settings.fusedSuffix, '-rep');
-  assert.deepEqual(settings.inspect, { foldBN: false, checkpoint: { defaultEpsilon: 1e-5, outputDtype: 'float16' } });
+  assert.deepEqual(settings.inspect, { foldBN: false, checkpoint: { defaultEpsilon: 1e-5, outputDtype: 'float16', foldBN: 'off' } });
 });
 
 test('settings: invalid values fall back to defaults with a sentence each', () => {
