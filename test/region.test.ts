@@ -76,6 +76,15 @@ describe('synthetic regions', () => {
     assert.equal(f.report.inspect.blocks[0].kernel.join('×'), '3×3');
   });
 
+  it('OREPA-style weight built at run time from constants (Mul, Reshape) is folded first, and its subgraph removed', async () => {
+    const { b, x } = start();
+    const raw = b.randInit('w_raw', [C * C * 9], -0.3, 0.3);
+    const w = b.op('Reshape', [b.op('Mul', [raw, b.init('w_scale', [1], [0.7])]), b.init('w_shape', [4], [C, C, 3, 3], { dtype: 'int64' })]);
+    const y = b.add(b.conv(x, C, C, [3, 3], { weight: w, bias: true }), avgPool(b, x, [1, 1, 1, 1]));
+    b.output(b.relu(y));
+    await fuseAndValidate(b.encode(), { dir, name: 'orepa', expectBlocks: 1, expectOps: { Conv: 1, Add: 0, Mul: 0, Reshape: 0, AveragePool: 0 } });
+  });
+
   it('RepViT BN_Linear: BatchNormalization before a Gemm folds into it', async () => {
     const { b, x } = start();
     const flat = b.op('Flatten', [b.op('GlobalAveragePool', [x])]);
