@@ -20,4 +20,6 @@ export default defineFamily({
     if (pe.weight.shape[1] !== 1) throw new Reject(`'pe' takes ${pe.weight.shape[1]} channels per group; RepCPE's is depthwise.`);
     return { family: 'fastvit_repcpe', branches: [{ kind: 'identity' }, { kind: 'conv', conv: pe }] };
   },
+  // '/network.4/pe/Conv' + the residual Add; 'pe' alone is too common: FastViT's token mixers must be in the model.
+  onnx: (f) => /[/.]pe[/.]/.test(f.names) && f.kinds.includes('identity') && /\btoken_mixer\b/.test(f.modelNames ?? f.names),
 });

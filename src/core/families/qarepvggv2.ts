@@ -15,6 +15,7 @@ export default defineFamily({
   deploy: { module: 'rbr_reparam', remove: ['rbr_dense', 'rbr_1x1', 'rbr_identity', 'rbr_avg', 'id_tensor'], keep: ['bn'], setAttrs: { deploy: true } },
   official: { repo: 'meituan/YOLOv6', path: 'yolov6/layers/common.py', fn: 'QARepVGGBlockV2.switch_to_deploy' },
   match: (n, ctx) => only('qarepvggv2', matchRbr(n, ctx)),
-  onnx: (f) => f.postBN && f.kinds.includes('avgpool'),
+  // A V2 block keeps rbr_avg only where it keeps its width: elsewhere the model's other blocks tell.
+  onnx: (f) => f.postBN && (f.kinds.includes('avgpool') || (/\brbr_dense\b/.test(f.names) && /\brbr_avg\b/.test(f.modelNames ?? ''))),
   variantOf: 'qarepvgg',
 });

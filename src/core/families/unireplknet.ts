@@ -41,4 +41,5 @@ export default defineFamily({
     }
     return { family: 'unireplknet', branches, assumptions: n.className ? undefined : ['dilation of each dil_conv_k{k}_{r} read from its name (a state_dict does not store it)'] };
   },
+  onnx: (f) => /\blk_origin\b/.test(f.names) && /\bdil_conv_k\d+_\d+\b/.test(f.names),
 });

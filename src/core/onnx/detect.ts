@@ -140,6 +140,9 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
   const det: Detection = { index, blocks: [], rejected: [], folds: [], notFolded: [], residuals: 0 };
   const claimed = new Set<OnnxNode>();
   const nodes = model.graph.nodes;
+  /** Every node name, once: model-wide family hints (YOLOv6's ERBlock_ names mark its stem too). */
+  let allNames: string | undefined;
+  const modelNames = () => (allNames ??= nodes.map((n) => n.name).join(' '));
 
   const isAddLike = (n: OnnxNode | undefined): n is OpNode => isOp(n, 'Add') || isOp(n, 'Sum');
   /** An Add whose only reader is another Add of the same tree. */
@@ -425,7 +428,7 @@ export function detect(model: OnnxModel, opts: DetectOptions): Detection {
     const paramsBefore = branches.reduce((a, b) => a + b.params, 0) + (postBN ? 4 * cout : 0);
     const info: BlockInfo = {
       name,
-      family: guessFamily(nodes, classified.map((c) => c.leaf), !!postBN, g0.groups, cin, cout),
+      family: guessFamily(nodes, classified.map((c) => c.leaf), !!postBN, g0.groups, cin, cout, modelNames()),
       kernel,
       stride: g0.stride,
       groups: g0.groups,
