@@ -299,10 +299,8 @@ function ancestors(y: string, nodesSet: Set<OnnxNode>, index: GraphIndex, x: str
   return out;
 }
 
-export interface RegionCandidate extends RegionNodes {
-  /** Data nodes of each stage, for reasons and trivial-region checks. */
-  blockers: { node: OnnxNode; why: string }[];
-}
+/** A region found by op kinds, before its numbers are checked. */
+export type RegionCandidate = RegionNodes;
 
 /**
  * Splits a single-exit region at the tensors every path passes through (articulation tensors), so
@@ -420,7 +418,7 @@ export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFo
       for (const g of groupStages(x, y, data, cl.cls, index)) {
         const nodes = [...g.data, ...sideAncestors(g.data, need, cl.cls, index)].sort((a, b) => a.index - b.index);
         for (const n of nodes) inAnyRegion.add(n);
-        out.push({ x: g.x, y: g.y, nodes, data: g.data, blockers: cl.blockers, producerOf: (t) => index.producer.get(t) });
+        out.push({ x: g.x, y: g.y, nodes, data: g.data, producerOf: (t) => index.producer.get(t) });
       }
     });
   }
@@ -916,8 +914,6 @@ export function regionDtype(r: RegionNodes, model: OnnxModel): number {
   const vi = [...model.graph.inputs, ...model.graph.valueInfo].find((v) => v.name === r.x);
   return vi?.elemType && isFloatType(vi.elemType) ? vi.elemType : 1;
 }
-
-export const isRegionOp = (n: OnnxNode) => isOp(n, n.opType) && DATA_OPS.has(n.opType);
 
 // ----- BatchNormalization next to a Gemm (RepViT's BN_Linear) ------------------------------------
 
