@@ -290,3 +290,21 @@ describe('RepGhost (official ChengpengChen/RepGhost fixture)', { skip: have('rep
     }
   });
 });
+
+describe('YOLOv6 RepVGGBlock and QARepVGGBlock state_dicts (official meituan/YOLOv6 fixtures)', () => {
+  for (const dir of ['yolov6_repvgg', 'yolov6_qarepvgg']) {
+    test(`${dir}: fused = the official switch_to_deploy; stride-2 positions say so`, { skip: have(dir, 'train_sd.pt') ? false : 'fixture missing' }, (t) => {
+      const a = analyzeCheckpoint(fx(dir, 'train_sd.pt'));
+      try {
+        assert.deepEqual(a.report.rejected, []);
+        const c = compareWithOfficial(a, readAll(fx(dir, 'deploy_sd.pt')));
+        t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
+        assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
+        const s2 = a.report.blocks.find((b) => b.name === 'backbone.ERBlock_2.0')!;
+        if (dir === 'yolov6_qarepvgg') assert.deepEqual(s2.stride, [2, 2]);
+      } finally {
+        a.close();
+      }
+    });
+  }
+});

@@ -226,6 +226,8 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
     if (strides.every((s) => s)) {
       stride = strides[0]!;
       if (strides.some((s) => fmt(s!) !== fmt(stride))) throw new Reject(`branches have different strides (${strides.map((s) => fmt(s!)).join(', ')}).`);
+    } else if (r.stride) {
+      stride = r.stride; // the matcher said why
     } else {
       stride = g0.kernel.map(() => 1);
       assumptions.push(branches.some((b) => b.kind === 'identity' || b.kind === 'bn_identity') ? 'stride 1 (the block has an identity branch)' : 'stride not stored in a state_dict (fusion does not depend on it; shown as 1)');
@@ -267,7 +269,8 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
     }
     if (postBN && postBN.mean.shape[0] !== cout) throw new Reject(`'${postBN.node.path}' has ${postBN.mean.shape[0]} channels, the block has ${cout}.`);
     const allBNs = [...branches.flatMap((b) => [b.bn, b.first?.bn]), postBN];
-    if (allBNs.some((bn) => bn?.epsSource === 'assumed')) assumptions.push(`BN epsilon ${def.eps.toExponential(0)} assumed (${def.label} training default; override with --eps)`);
+    const assumedBN = allBNs.find((bn) => bn?.epsSource === 'assumed');
+    if (assumedBN) assumptions.push(`BN epsilon ${assumedBN.eps.toExponential(0)} assumed (${def.label} training default${assumedBN.eps !== def.eps ? ' in this layout' : ''}; override with --eps)`);
     const kernel = g0.kernel.map((_, i) => Math.max(...convs.map((cv) => cv.kernel[i]), ...pools.map((p) => p.kernel[i] ?? 1)));
     for (const p of pools) {
       if (p.kernel.length !== rank) throw new Reject(`the avg-pool '${p.node?.path ?? 'avg'}' has a ${p.kernel.length}-D window in a ${rank}-D block.`);

@@ -82,6 +82,8 @@ export interface MatchResult {
   ownTensors?: string[];
   /** What was inferred rather than read, in words. */
   assumptions?: string[];
+  /** A stride the matcher inferred (from the family's layout) where the modules do not store one; stated in `assumptions`. */
+  stride?: number[];
 }
 
 export const pyTuple = (v: unknown): number[] | undefined => {

@@ -9,6 +9,9 @@ const lastSegment = (c: string | undefined) => (c ? c.slice(c.lastIndexOf('.') +
 
 /** YOLOv6's module names, anywhere in the file (`backbone.ERBlock_2`, `neck.Rep_p4`). */
 export const YOLOV6_PATHS = /ERBlock_|Rep_p\d|Rep_n\d|\bneck[./]Rep/;
+/** A whole YOLOv6 model: EfficientRep backbone and EffiDeHead names. */
+const YOLOV6_MODEL = /\bbackbone\.ERBlock_\d/;
+const YOLOV6_HEAD = /\bdetect\.(proj_conv|stems|cls_preds|reg_preds)\b/;
 /** Where YOLOv6's EfficientRep backbone and RepPAN neck put their stride-2 blocks. */
 const YOLOV6_STRIDE2 = /(^|\.)(stem|downsample\d*)$|(^|\.)ERBlock_\d+\.0$/;
 
@@ -29,6 +32,7 @@ function matchRbrUncached(n: ModuleNode, ctx: MatchContext): MatchResult | undef
   if (!c.has('rbr_dense')) return undefined;
   const cls = lastSegment(n.className);
   const assumptions: string[] = [];
+  let stride: number[] | undefined;
   const sequential = get(n, 'rbr_dense', '0') !== undefined;
   const rawOne = asConv(c.get('rbr_1x1'));
   const isQA = !!rawOne && !!asBN(c.get('bn'), () => ({ eps: 0, epsSource: 'model' }));
@@ -50,7 +54,9 @@ function matchRbrUncached(n: ModuleNode, ctx: MatchContext): MatchResult | undef
       );
     }
   } else family = YOLOV6_PATHS.test(ctx.allPaths) || /yolov6/i.test(n.className ?? '') ? 'yolov6' : 'repvgg';
-  const eps = ctx.eps(family);
+  // YOLOv6's initialize_weights sets every BatchNorm2d's eps to 1e-3, QARepVGG blocks included:
+  // taken when the file is a whole YOLOv6 model (its backbone and EffiDeHead names).
+  const eps = ctx.eps((family === 'qarepvgg' || family === 'qarepvggv2') && YOLOV6_MODEL.test(ctx.allPaths) && YOLOV6_HEAD.test(ctx.allPaths) ? 'yolov6' : family);
   const dense = asConvBN(c.get('rbr_dense'), eps);
   if (!dense) throw new Reject(`'rbr_dense' is not a conv followed by a BatchNorm.`);
   const branches: CkptBranch[] = [{ kind: 'conv_bn', ...dense }];
@@ -82,7 +88,10 @@ function matchRbrUncached(n: ModuleNode, ctx: MatchContext): MatchResult | undef
     // or a block that widens) the input width comes from the layer before.
     const cin = w[1] === w[0] ? w[1] : (ctx.previousOutChannels(n) ?? w[1]);
     const what = family === 'qarepvggv2' ? `identity and ${fmt(dense.conv.kernel)} avg-pool (count_include_pad) branches` : 'identity branch';
-    if (stride2) assumptions.push(`no ${what}: stride 2 assumed (YOLOv6 puts its stride-2 blocks at stem, ERBlock_k.0 and downsampleN)`);
+    if (stride2) {
+      stride = dense.conv.kernel.map(() => 2);
+      assumptions.push(`no ${what}: stride 2 assumed (YOLOv6 puts its stride-2 blocks at stem, ERBlock_k.0 and downsampleN)`);
+    }
     else if (cin === w[0]) {
       branches.push({ kind: 'identity' });
       if (family === 'qarepvggv2') branches.push({ kind: 'avgpool', pool: { kernel: dense.conv.kernel } });
@@ -92,7 +101,7 @@ function matchRbrUncached(n: ModuleNode, ctx: MatchContext): MatchResult | undef
     }
   }
   const postBN = family === 'qarepvgg' || family === 'qarepvggv2' ? asBN(c.get('bn'), eps) : undefined;
-  return { family, branches, postBN, assumptions };
+  return { family, branches, postBN, assumptions, stride };
 }
 
 /** The block's class, if pickled, tested against `re`; undefined for a state_dict. */
