@@ -51,7 +51,9 @@ function compareWithOfficial(a: CheckpointAnalysis, official: Map<string, { shap
   let worstAbs = 0;
   for (const b of a.primary.detection.blocks) {
     const fused = fuseBlock(ckptBlockSpec(b));
-    const base = `${b.node.path}.${FAMILIES[b.family].deploy.module}`;
+    const dl = FAMILIES[b.family].deploy as { module: string; replaceBlock?: boolean };
+    // RepViT: the official replace_batchnorm puts the fused conv in the block's place.
+    const base = dl.replaceBlock ? b.node.path : `${b.node.path}.${dl.module}`;
     for (const [what, mine, shape] of [['weight', fused.weight, fused.shape], ['bias', fused.bias, [b.outChannels]]] as const) {
       const key = keyOf(`${base}.${what}`);
       const off = official.get(key);
@@ -202,6 +204,10 @@ describe('state_dicts of the classification families: fused = the official conve
     ['fastvit', 'FastViT RepCPE', 2],
     ['fastvit', 'ReparamLargeKernelConv', 3],
     ['unireplknet', 'UniRepLKNet DilatedReparamBlock', 4],
+    ['repvit', 'RepViT RepVGGDW', 4],
+    ['yolov7', 'YOLOv7 RepConv', 3],
+    ['ultralytics_v10', 'Ultralytics RepVGGDW', 1],
+    ['ultralytics_rtdetr', 'Ultralytics RepConv', 4],
     ['repvgg', 'RepVGG', -1],
     ['mobileone', 'MobileOne', -1],
   ];
