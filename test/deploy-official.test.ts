@@ -53,7 +53,6 @@ const STATE_DICT_OPTIONS: Record<string, Partial<FuseOptions>> = { yolov6_qarepv
  * rather than hidden; see /work/coord/deploy-notes.md.
  */
 const KNOWN_GAPS: Record<string, string> = {
-  yolov6_qarepvgg: "the QARepVGG family's default BN ε is 1e-5, YOLOv6's initialize_weights uses 1e-3 (matches with --eps 1e-3)",
   repghost: "RepGhost's fused cheap_operation differs from the official fusion_bn by the identity term",
 };
 
