@@ -648,8 +648,9 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
     try {
       fused = fuseRegion(cand, consts, index);
     } catch (e) {
-      if (!(e instanceof RegionReject)) throw e;
-      reject(`linear region from '${cand.x}' to '${cand.y}': ${e.message}`);
+      // RangeError: shapes too big to allocate (a corrupt or hostile file).
+      if (!(e instanceof RegionReject) && !(e instanceof RangeError)) throw e;
+      reject(`linear region from '${cand.x}' to '${cand.y}': ${e instanceof RangeError ? 'its shapes are too big to evaluate.' : (e as Error).message}`);
       continue;
     }
     const convWeights = cand.data.filter((n) => n.opType === 'Conv').reduce((a, n) => a + (consts.value(n.inputs[1])?.data.length ?? 0), 0);

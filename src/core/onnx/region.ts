@@ -90,7 +90,8 @@ export class ConstFolder {
         try {
           outs = runNode(n, ins, this.opset);
         } catch (e) {
-          if (!(e instanceof EvalError)) throw e;
+          // An op it cannot run, or shapes too big to allocate (a hostile file): not a constant.
+          if (!(e instanceof EvalError) && !(e instanceof RangeError)) throw e;
         }
       }
       n.outputs.forEach((o, k) => o && this.values.set(o, outs?.[k] && outs[k].data.length <= MAX_CONST ? outs[k] : null));
@@ -161,6 +162,7 @@ function dataOpProblem(n: OnnxNode, cls: (Cls | undefined)[], index: GraphIndex,
     case 'Add':
     case 'Sum':
     case 'Concat':
+      if (n.inputs.length > 64) return 'has too many terms to be a block';
       return n.inputs.every((_, k) => cls[k] === 'D' || isP(k)) ? undefined : 'has an input computed outside the region';
     case 'Sub':
       return (cls[0] === 'D' || isP(0)) && (cls[1] === 'D' || isP(1)) ? undefined : 'has an input computed outside the region';
@@ -244,7 +246,7 @@ function closure(x: string, stop: Set<string>, index: GraphIndex, consts: ConstF
   const heap = new NodeHeap();
   const follow = (t: string) => {
     if (t !== x && stop.has(t)) return;
-    for (const c of index.consumersOf(t)) if (!taken.has(c)) heap.push(c);
+    for (const c of index.consumersOf(t)) if (!taken.has(c) && heap.size <= MAX_REGION_NODES) heap.push(c);
   };
   follow(x);
   for (let n = heap.pop(); n; n = heap.pop()) {
@@ -276,6 +278,8 @@ function closure(x: string, stop: Set<string>, index: GraphIndex, consts: ConstF
       follow(o);
     }
   }
+  // Past the bound the closure is incomplete: no region from it.
+  if (heap.size > MAX_REGION_NODES) return { cls: new Map([[x, 'D']]), nodes: [], blockers: [] };
   return { cls, nodes, blockers };
 }
 
@@ -503,8 +507,12 @@ export class RegionReject extends Error {
 }
 
 /** Runs the region's nodes on an input `xv` for x; returns every tensor it computed. */
-function evaluate(r: RegionNodes, xv: Tensor, consts: ConstFolder, linear = false): Map<string, Tensor> {
+function evaluate(r: RegionNodes, xv: Tensor, consts: ConstFolder, linear = false, keepAll = false): Map<string, Tensor> {
+  let step = 0;
   const env = new Map<string, Tensor>([[r.x, xv]]);
+  // Each tensor is dropped after its last reader in the region (memory: a few tensors, not all).
+  const last = new Map<string, number>();
+  r.nodes.forEach((n, k) => n.inputs.forEach((i) => i && last.set(i, k)));
   const data = linear ? new Set(r.data) : undefined;
   const isData = (t: string) => t === r.x || (!!data && data.has(r.producerOf(t)!));
   for (const n of r.nodes) {
@@ -521,9 +529,12 @@ function evaluate(r: RegionNodes, xv: Tensor, consts: ConstFolder, linear = fals
       outs = runNode(node, ins, consts.opset);
     } catch (e) {
       if (e instanceof EvalError) throw new RegionReject(`${e.message}`, e.node);
+      if (e instanceof RangeError) throw new RegionReject(`${nodeLabel(n)} would need tensors too big to evaluate.`, n);
       throw e;
     }
     n.outputs.forEach((o, k) => o && outs[k] && env.set(o, outs[k]));
+    if (!keepAll) for (const i of n.inputs) if (i && i !== r.y && last.get(i) === step) env.delete(i);
+    step++;
   }
   return env;
 }
@@ -690,14 +701,23 @@ function exportedSize(r: RegionNodes, consts: ConstFolder, rank: number, cin: nu
   return undefined;
 }
 
+/** Most elements of one probe tensor (a hostile or huge model is rejected rather than probed). */
+const MAX_PROBE = 1 << 24;
+
+/** Elements one evaluation may hold per tensor: bounded by the model's own size (no tiny file makes us allocate gigabytes). */
+let probeBudget = MAX_PROBE;
+
 function probeInput(c: number, sp: number[]): Tensor {
-  return { dims: [1, c, ...sp], data: new Float64Array(c * numelOf(sp)) };
+  const n = c * numelOf(sp);
+  if (!(n <= probeBudget)) throw new RegionReject(`probing it would need ${c}×${sp.join('×')} values; too big to check.`);
+  return { dims: [1, c, ...sp], data: new Float64Array(n) };
 }
 
 /**
  * Computes the one Conv a region equals, or throws RegionReject naming the op that prevents it.
  */
 export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphIndex, seed = 7): RegionConv {
+  probeBudget = Math.max(1 << 16, Math.min(MAX_PROBE, Math.floor(index.model.source.size / 32)));
   // Constants stored in float32 (DBB's border values, computed by the exporter from the BN) agree
   // with the float64 composite only to float32 precision.
   const dt = regionDtype(r, index.model);
@@ -734,7 +754,7 @@ export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphInde
     sizeB = undefined;
   }
   // 1. Zero input: the bias, the output size, and the stride.
-  const envA = evaluate(r, probeInput(cin, sizeA), consts);
+  const envA = evaluate(r, probeInput(cin, sizeA), consts, false, true);
   const zA = envA.get(r.y)!;
   if (zA.dims.length !== rank + 2 || zA.dims[0] !== 1) throw new RegionReject(`the region's output has shape [${zA.dims.join(', ')}], not [1, C, …] like its input.`, index.producer.get(r.y));
   const cout = zA.dims[1];
@@ -799,7 +819,7 @@ export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphInde
   };
   // Many impulses per evaluation, one per batch sample (the ops treat samples independently); a
   // region whose shape constants fix the batch size falls back to one evaluation per impulse.
-  const batch = Math.max(1, Math.floor((1 << 22) / per));
+  const batch = Math.max(1, Math.floor(probeBudget / per));
   for (let j0 = 0; j0 < jobs.length; j0 += batch) {
     const part = jobs.slice(j0, j0 + batch);
     const x: Tensor = { dims: [part.length, cin, ...sizeA], data: new Float64Array(part.length * per) };
