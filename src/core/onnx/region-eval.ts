@@ -586,7 +586,7 @@ export function runNode(node: OnnxNode, ins: (Tensor | undefined)[], opset: numb
     case 'Range': {
       const [s, l, d] = [need(0).data[0], need(1).data[0], need(2).data[0]];
       const n = Math.max(0, Math.ceil((l - s) / d));
-      if (!(n < 1 << 24)) throw new EvalError(node, 'would make a range too long.');
+      if (!(n < 1 << 22)) throw new EvalError(node, 'would make a range too long.');
       return [tensor([n], Array.from({ length: n }, (_, i) => s + i * d), need(0).int)];
     }
     case 'ConstantOfShape': {
@@ -599,7 +599,7 @@ export function runNode(node: OnnxNode, ins: (Tensor | undefined)[], opset: numb
         int = isIntType(t.dataType ?? 1);
         fill = t.floatData?.length ? t.floatData[0] : t.int64Data?.length ? Number(t.int64Data[0]) : t.int32Data?.length ? t.int32Data[0] : t.doubleData?.length ? t.doubleData[0] : rawScalar(t.rawData, t.dataType ?? 1);
       }
-      if (!(numel(dims) < 1 << 24)) throw new EvalError(node, 'would make a tensor too big.');
+      if (!(numel(dims) < 1 << 22)) throw new EvalError(node, 'would make a tensor too big.');
       return [{ dims, data: new Float64Array(numel(dims)).fill(fill), int }];
     }
     case 'Reshape': {

@@ -71,9 +71,12 @@ export class ConstFolder {
       if (!r || numelOf(r.tensor.dims) > MAX_CONST) return undefined;
       return { dims: r.tensor.dims, data: Float64Array.from(readTensorValues(this.model, r.tensor)), int: isIntType(r.tensor.dtype) };
     }
-    // Iterative post-order over the constant subgraph (no deep recursion on long chains).
+    // Iterative post-order over the constant subgraph (no deep recursion on long chains), bounded:
+    // real constant subgraphs (OREPA's kernels) have a handful of nodes.
     const stack: OnnxNode[] = [p];
+    let steps = 0;
     while (stack.length) {
+      if (++steps > 4096) return undefined;
       const n = stack[stack.length - 1];
       const missing = n.inputs.filter((i) => i && !this.values.has(i) && this.index.producer.get(i) && this.index.producer.get(i)!.opType !== 'Constant');
       if (missing.length) {
@@ -94,7 +97,9 @@ export class ConstFolder {
           if (!(e instanceof EvalError) && !(e instanceof RangeError)) throw e;
         }
       }
-      n.outputs.forEach((o, k) => o && this.values.set(o, outs?.[k] && outs[k].data.length <= MAX_CONST ? outs[k] : null));
+      // A computed constant may not be much bigger than the file (ConstantOfShape of a huge shape).
+      const cap = Math.max(1 << 16, Math.min(MAX_CONST, Math.floor(this.model.source.size / 8)));
+      n.outputs.forEach((o, k) => o && this.values.set(o, outs?.[k] && outs[k].data.length <= cap ? outs[k] : null));
     }
     return this.values.get(name) ?? undefined;
   }
@@ -236,6 +241,8 @@ interface Closure {
   nodes: OnnxNode[];
   /** Data-carrying ops with a region input that were left out, with why (for rejection reasons). */
   blockers: { node: OnnxNode; why: string }[];
+  /** Set when the closure grew past MAX_REGION_NODES: the nodes it had reached. */
+  truncated?: OnnxNode[];
 }
 
 /** Everything computed linearly from `x` (not past the tensors in `stop`), in graph order. */
@@ -246,7 +253,7 @@ function closure(x: string, stop: Set<string>, index: GraphIndex, consts: ConstF
   const heap = new NodeHeap();
   const follow = (t: string) => {
     if (t !== x && stop.has(t)) return;
-    for (const c of index.consumersOf(t)) if (!taken.has(c) && heap.size <= MAX_REGION_NODES) heap.push(c);
+    for (const c of index.consumersOf(t)) if (!taken.has(c) && c.inputs.length <= 64 && heap.size <= MAX_REGION_NODES) heap.push(c);
   };
   follow(x);
   for (let n = heap.pop(); n; n = heap.pop()) {
@@ -278,8 +285,8 @@ function closure(x: string, stop: Set<string>, index: GraphIndex, consts: ConstF
       follow(o);
     }
   }
-  // Past the bound the closure is incomplete: no region from it.
-  if (heap.size > MAX_REGION_NODES) return { cls: new Map([[x, 'D']]), nodes: [], blockers: [] };
+  // Past the bound the closure is incomplete: no region from it, and its nodes are not seeds again.
+  if (heap.size > MAX_REGION_NODES) return { cls: new Map([[x, 'D']]), nodes: [], blockers: [], truncated: nodes };
   return { cls, nodes, blockers };
 }
 
@@ -371,7 +378,7 @@ export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFo
     seen.add(x);
     const prod = index.producer.get(x);
     if (prod && covered.has(prod) && !cuts.has(x)) continue;
-    if (!index.consumersOf(x).some((c) => DATA_OPS.has(c.opType) && !taken.has(c) && !inAnyRegion.has(c))) continue;
+    if (!index.consumersOf(x).some((c) => DATA_OPS.has(c.opType) && c.inputs.length <= 64 && !taken.has(c) && !inAnyRegion.has(c))) continue;
     const stop = new Set<string>();
     let cl = closure(x, stop, index, consts, taken);
     // A data tensor read both inside and outside the region must stay: it ends this region and
@@ -389,6 +396,10 @@ export function findRegions(model: OnnxModel, index: GraphIndex, consts: ConstFo
         seeds.push(t);
       }
       cl = closure(x, stop, index, consts, taken);
+    }
+    if (cl.truncated) {
+      for (const n of cl.truncated) covered.add(n);
+      continue;
     }
     const set = new Set(cl.nodes);
     for (const n of cl.nodes) covered.add(n);
@@ -693,10 +704,10 @@ function exportedSize(r: RegionNodes, consts: ConstFolder, rank: number, cin: nu
   const cands = new Set<number>();
   for (let d = 0; d <= 8; d++) for (const v of values) for (const c of [v - d, v + d]) if (c >= 1) cands.add(c);
   // Bounded: sizes a probe can afford, and a bounded number of tries.
-  const list = [...cands].filter((c) => c <= 2048 && cin * c ** rank <= 1 << 24).slice(0, 400);
+  const list = [...cands].filter((c) => c <= 2048 && cin * c ** rank <= probeBudget).slice(0, 64);
   for (const h of list) if (runs(new Array(rank).fill(h))) return new Array(rank).fill(h);
-  if (rank === 2 && list.length <= 60) {
-    for (const h of list) for (const w of list) if (h !== w && cin * h * w <= 1 << 24 && runs([h, w])) return [h, w];
+  if (rank === 2 && list.length <= 16) {
+    for (const h of list) for (const w of list) if (h !== w && cin * h * w <= probeBudget && runs([h, w])) return [h, w];
   }
   return undefined;
 }
@@ -717,7 +728,7 @@ function probeInput(c: number, sp: number[]): Tensor {
  * Computes the one Conv a region equals, or throws RegionReject naming the op that prevents it.
  */
 export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphIndex, seed = 7): RegionConv {
-  probeBudget = Math.max(1 << 16, Math.min(MAX_PROBE, Math.floor(index.model.source.size / 32)));
+  probeBudget = Math.max(1 << 14, Math.min(MAX_PROBE, Math.floor(index.model.source.size / 64)));
   // Constants stored in float32 (DBB's border values, computed by the exporter from the BN) agree
   // with the float64 composite only to float32 precision.
   const dt = regionDtype(r, index.model);
