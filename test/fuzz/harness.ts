@@ -106,7 +106,10 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzReport> {
     budgetMs: opts.budgetMs ?? 10_000,
     deepEvery: opts.deepEvery ?? 4,
     memFactor: opts.memFactor ?? 4,
-    memConstant: opts.memConstant ?? 16 << 20,
+    // 24 MiB: the ONNX analysis now runs linear regions through a float64 evaluator whose working
+    // set (probe tensors, each bounded by region.ts's evalLimitFor) adds a few MiB of ArrayBuffers
+    // that the garbage collector may not have reclaimed when the case is measured.
+    memConstant: opts.memConstant ?? 24 << 20,
     heapFactor: opts.heapFactor ?? 64,
     heapConstant: opts.heapConstant ?? 64 << 20,
     chunk: opts.chunk ?? 100,

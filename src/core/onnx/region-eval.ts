@@ -23,6 +23,28 @@ export class EvalError extends Error {
 }
 
 const numel = (d: number[]) => d.reduce((a, b) => a * b, 1);
+
+/** An allocation over the evaluation limit; runNode / conv turn it into an EvalError naming the node. */
+class TooBig extends Error {}
+
+/**
+ * Most values one evaluated tensor may hold. region.ts scales it to the model's file size, so a
+ * hostile shape (a dim of 2^32) is refused before it is allocated instead of exhausting memory.
+ */
+let maxElements = 1 << 24;
+export function setEvalLimit(n: number): void {
+  maxElements = n;
+}
+export const evalLimit = (): number => maxElements;
+
+function checkSize(n: number): number {
+  if (!(n >= 0 && n <= maxElements)) throw new TooBig(`would make a tensor of ${n} values, more than the ${maxElements} RepFuse evaluates.`);
+  return n;
+}
+
+function alloc(n: number): Float64Array {
+  return new Float64Array(checkSize(n));
+}
 const strides = (d: number[]) => {
   const s = new Array<number>(d.length).fill(1);
   for (let i = d.length - 2; i >= 0; i--) s[i] = s[i + 1] * d[i + 1];
@@ -50,7 +72,7 @@ function broadcastDims(a: number[], b: number[], node: OnnxNode): number[] {
 
 /** Index map from an output of shape `out` into a tensor of shape `d` broadcast to it. */
 function broadcastIndex(d: number[], out: number[]): Int32Array {
-  const n = numel(out);
+  const n = checkSize(numel(out));
   const idx = new Int32Array(n);
   const r = out.length;
   const ds = strides(d);
@@ -76,7 +98,7 @@ function elementwise(ts: Tensor[], node: OnnxNode, f: (x: number, y: number) => 
   const n = numel(dims);
   const same = ts.every((t) => numel(t.dims) === n && t.dims.length === dims.length);
   const maps = same ? undefined : ts.map((t) => broadcastIndex(t.dims, dims));
-  const out = new Float64Array(n);
+  const out = alloc(n);
   const first = ts[0].data;
   for (let i = 0; i < n; i++) out[i] = first[maps ? maps[0][i] : i];
   for (let k = 1; k < ts.length; k++) {
@@ -142,6 +164,15 @@ export function dryRun<T>(f: () => T): T {
 }
 
 export function conv(node: OnnxNode, x: Tensor, w: Tensor, b: Tensor | undefined): Tensor {
+  try {
+    return convUnchecked(node, x, w, b);
+  } catch (e) {
+    if (e instanceof TooBig) throw new EvalError(node, e.message);
+    throw e;
+  }
+}
+
+function convUnchecked(node: OnnxNode, x: Tensor, w: Tensor, b: Tensor | undefined): Tensor {
   const [n, c, ...sp] = x.dims;
   const [m, cpg, ...k] = w.dims;
   if (sp.length < 1 || sp.length > 3 || k.length !== sp.length) throw new EvalError(node, `cannot take input [${x.dims.join(', ')}] with weight [${w.dims.join(', ')}].`);
@@ -154,7 +185,7 @@ export function conv(node: OnnxNode, x: Tensor, w: Tensor, b: Tensor | undefined
   const [sd, sh, sw] = pad3(win.stride, 1);
   const [dd, dh, dw] = pad3(win.dil, 1);
   const [pd, ph, pw] = pad3(win.padBegin, 0);
-  const out = new Float64Array(n * m * od * oh * ow);
+  const out = alloc(n * m * od * oh * ow);
   if (dry) return { dims: [n, m, ...win.out], data: out };
   const mpg = m / g;
   const X = x.data;
@@ -163,7 +194,7 @@ export function conv(node: OnnxNode, x: Tensor, w: Tensor, b: Tensor | undefined
   const iPlane = D * H * W;
   // Bounding box of the non-zero values of each input plane: impulse probes are mostly zeros, so
   // the loops visit only the outputs a non-zero input can reach.
-  const box = new Int32Array(n * c * 6);
+  const box = new Int32Array(checkSize(n * c * 6));
   for (let p = 0; p < n * c; p++) {
     let z0 = D, z1 = -1, y0 = H, y1 = -1, x0 = W, x1 = -1;
     const base = p * iPlane;
@@ -235,7 +266,7 @@ function avgPool(node: OnnxNode, x: Tensor): Tensor {
   const [dd, dh, dw] = pad3(win.dil, 1);
   const [pd, ph, pw] = pad3(win.padBegin, 0);
   const [ed, eh, ew] = pad3(win.padEnd, 0);
-  const out = new Float64Array(n * c * od * oh * ow);
+  const out = alloc(n * c * od * oh * ow);
   if (dry) return { dims: [n, c, ...win.out], data: out };
   let i = 0;
   for (let pl = 0; pl < n * c; pl++) {
@@ -282,7 +313,7 @@ function batchNorm(node: OnnxNode, x: Tensor, s: Tensor, b: Tensor, mean: Tensor
 
 /** Copies `x` into a tensor of shape `dims`, with x's element at multi-index i going to i + offset (out-of-range dropped). */
 function place(x: Tensor, dims: number[], offset: number[], fill: number, into?: Float64Array): Float64Array {
-  const out = into ?? new Float64Array(numel(dims)).fill(fill);
+  const out = into ?? alloc(numel(dims)).fill(fill);
   const xs = strides(x.dims);
   const os = strides(dims);
   const r = dims.length;
@@ -375,7 +406,7 @@ function slice(node: OnnxNode, ins: (Tensor | undefined)[], opset: number): Tens
   const xs = strides(x.dims);
   const os = strides(len);
   const n = numel(len);
-  const out = new Float64Array(n);
+  const out = alloc(n);
   for (let i = 0; i < n; i++) {
     let rem = i;
     let j = 0;
@@ -397,7 +428,7 @@ function concat(node: OnnxNode, ts: Tensor[]): Tensor {
   for (const t of ts) {
     if (t.dims.length !== r || t.dims.some((d, i) => i !== axis && d !== dims[i])) throw new EvalError(node, 'joins tensors whose shapes differ off its axis.');
   }
-  const out = new Float64Array(numel(dims));
+  const out = alloc(numel(dims));
   let at = 0;
   for (const t of ts) {
     const off = dims.map((_, i) => (i === axis ? at : 0));
@@ -465,7 +496,7 @@ function gather(node: OnnxNode, x: Tensor, idx: Tensor): Tensor {
   const inner = numel(x.dims.slice(axis + 1));
   const d = x.dims[axis];
   const dims = [...x.dims.slice(0, axis), ...idx.dims, ...x.dims.slice(axis + 1)];
-  const out = new Float64Array(numel(dims));
+  const out = alloc(numel(dims));
   let o = 0;
   for (let a = 0; a < outer; a++) {
     for (let i = 0; i < idx.data.length; i++) {
@@ -482,7 +513,7 @@ function matmul(node: OnnxNode, a: Tensor, b: Tensor): Tensor {
   if (a.dims.length !== 2 || b.dims.length !== 2 || a.dims[1] !== b.dims[0]) throw new EvalError(node, 'supports only 2-D operands here.');
   const [m, k] = a.dims;
   const n = b.dims[1];
-  const out = new Float64Array(m * n);
+  const out = alloc(m * n);
   for (let i = 0; i < m; i++) for (let p = 0; p < k; p++) {
     const v = a.data[i * k + p];
     if (v) for (let j = 0; j < n; j++) out[i * n + j] += v * b.data[p * n + j];
@@ -502,6 +533,15 @@ const castTo = (to: number, v: number) => (to === 9 ? (v !== 0 ? 1 : 0) : isIntT
  * outputs. Throws EvalError for an operator or attribute outside the supported set.
  */
 export function runNode(node: OnnxNode, ins: (Tensor | undefined)[], opset: number): Tensor[] {
+  try {
+    return runNodeUnchecked(node, ins, opset);
+  } catch (e) {
+    if (e instanceof TooBig) throw new EvalError(node, e.message);
+    throw e;
+  }
+}
+
+function runNodeUnchecked(node: OnnxNode, ins: (Tensor | undefined)[], opset: number): Tensor[] {
   const need = (i: number): Tensor => {
     const t = ins[i];
     if (!t) throw new EvalError(node, `is missing input ${i}.`);
@@ -600,7 +640,7 @@ export function runNode(node: OnnxNode, ins: (Tensor | undefined)[], opset: numb
         fill = t.floatData?.length ? t.floatData[0] : t.int64Data?.length ? Number(t.int64Data[0]) : t.int32Data?.length ? t.int32Data[0] : t.doubleData?.length ? t.doubleData[0] : rawScalar(t.rawData, t.dataType ?? 1);
       }
       if (!(numel(dims) < 1 << 22)) throw new EvalError(node, 'would make a tensor too big.');
-      return [{ dims, data: new Float64Array(numel(dims)).fill(fill), int }];
+      return [{ dims, data: alloc(numel(dims)).fill(fill), int }];
     }
     case 'Reshape': {
       const x = need(0);

@@ -9,7 +9,7 @@ import { dtypeName, isFloatType } from '../dtype';
 import { Rng } from '../random';
 import type { GraphIndex } from './graph';
 import { attrInt, attrInts, attrString, numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './reader';
-import { conv, dryRun, EVAL_OPS, EvalError, isIntType, runNode, type Tensor } from './region-eval';
+import { conv, dryRun, EVAL_OPS, EvalError, isIntType, runNode, setEvalLimit, type Tensor } from './region-eval';
 
 const isOp = (n: OnnxNode | undefined, op: string): boolean => !!n && n.opType === op && (n.domain === '' || n.domain === 'ai.onnx');
 export const nodeLabel = (n: OnnxNode) => `${n.opType} '${n.name || n.outputs[0]}'`;
@@ -18,6 +18,13 @@ export const nodeLabel = (n: OnnxNode) => `${n.opType} '${n.name || n.outputs[0]
 const MAX_CONST = 1 << 24;
 /** Most nodes one region may have (DBB's export spends ~600 on shape arithmetic per block). */
 const MAX_REGION_NODES = 4096;
+
+/**
+ * Most values one tensor of the evaluator may hold for this model: four times the file's size in
+ * float64 values' worth of bytes, at least 2^16, at most 2^24 (a hostile dim of 2^32 is refused,
+ * not allocated).
+ */
+const evalLimitFor = (model: OnnxModel): number => Math.max(1 << 16, Math.min(1 << 24, Math.floor(model.source.size / 2)));
 
 /** Constants of a graph: initializers, Constant nodes, and whatever the interpreter can fold from them. */
 export class ConstFolder {
@@ -30,6 +37,7 @@ export class ConstFolder {
     readonly index: GraphIndex,
   ) {
     this.opset = model.opsets.find((o) => o.domain === '' || o.domain === 'ai.onnx')?.version ?? 13;
+    setEvalLimit(evalLimitFor(model));
     for (const k of model.graph.initializers.keys()) this.isConst.add(k);
     for (const n of model.graph.nodes) {
       if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
@@ -729,6 +737,7 @@ function probeInput(c: number, sp: number[]): Tensor {
  */
 export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphIndex, seed = 7): RegionConv {
   probeBudget = Math.max(1 << 14, Math.min(MAX_PROBE, Math.floor(index.model.source.size / 64)));
+  setEvalLimit(evalLimitFor(index.model));
   // Constants stored in float32 (DBB's border values, computed by the exporter from the BN) agree
   // with the float64 composite only to float32 precision.
   const dt = regionDtype(r, index.model);
@@ -779,6 +788,9 @@ export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphInde
         return sMax / d;
       })
     : structuralStride(r, rank);
+  // One impulse per stride phase: a stride beyond any real network's (a hostile attribute) is refused
+  // before it multiplies the work.
+  if (stride.some((v) => !(Number.isInteger(v) && v >= 1 && v <= 64))) throw new RegionReject(`its stride ${stride.join('×')} is not one RepFuse evaluates (1 to 64 per axis).`, index.producer.get(r.y));
   const plane = numelOf(oA);
   const bias = new Float64Array(cout);
   for (let o = 0; o < cout; o++) {
