@@ -6,6 +6,7 @@
 // `/model.N/m…` lead). An output that needs no auxiliary node, or any main-head node, stays.
 import { RepFuseError } from '../errors';
 import type { OnnxDropAuxInfo } from '../model';
+import { GraphIndex } from './graph';
 import type { OnnxModel, OnnxNode } from './reader';
 import { emptyPlan, type Plan } from './writer';
 
@@ -71,8 +72,7 @@ export function planDropAux(model: OnnxModel): OnnxDropAux {
     if (!scoped && g.nodes.length) throw new RepFuseError('--drop-aux: the node names carry no module scopes (/model.N/…), so auxiliary heads cannot be told from main ones; export with the node names PyTorch writes by default.', model.path);
     return result('no auxiliary head (DualDDetect, DualDetect or IAuxDetect in training form) in the graph; left as it is.');
   }
-  const producer = new Map<string, OnnxNode>();
-  for (const n of g.nodes) for (const o of n.outputs) if (o) producer.set(o, n);
+  const { producer } = new GraphIndex(model);
   const role = (n: OnnxNode): 'aux' | 'main' | undefined => {
     const s = scopeOf(n);
     const h = s && heads.find((x) => x.scope === s[0]);
