@@ -5,7 +5,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['node_modules/**', 'dist/**', 'out/**', 'examples/**', 'test/fixtures/**'] },
+  { ignores: ['node_modules/**', 'dist/**', 'out/**', 'out-*/**', 'examples/**', 'test/fixtures/**'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {
