@@ -4,6 +4,7 @@ import { fork } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { RepFuseError } from '../core/errors';
+import { supervise } from './child';
 import type { ValidatePairsRequest, ValidateRequest, ValidationReport, WorkerMessage, WorkerRequest } from './protocol';
 import { isQuantRequest, type QuantMeasurement } from './quantProtocol';
 
@@ -52,22 +53,14 @@ export function runInChild<R extends ValidationReport | QuantMeasurement>(req: W
     child.stderr?.on('data', (d: Buffer) => {
       stderr = (stderr + d.toString()).slice(-4000);
     });
-    let settled = false;
-    const finish = (err: Error | undefined, report?: R) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      opts.signal?.removeEventListener('abort', onAbort);
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-      if (err) reject(err);
-      else resolve(report!);
-    };
-    const timer = setTimeout(() => {
-      finish(new ValidationError(`${what} did not finish within ${Number((opts.timeoutMs / 1000).toPrecision(3))} s; the onnxruntime process was stopped (raise the timeout${quant ? '' : ', or use --no-validate'}).`));
-    }, opts.timeoutMs);
-    const onAbort = () => finish(new ValidationError(`${what} cancelled.`));
-    if (opts.signal?.aborted) return onAbort();
-    opts.signal?.addEventListener('abort', onAbort, { once: true });
+    const job = supervise<R>(child, {
+      timeoutMs: opts.timeoutMs,
+      signal: opts.signal,
+      timeoutError: () => new ValidationError(`${what} did not finish within ${Number((opts.timeoutMs / 1000).toPrecision(3))} s; the onnxruntime process was stopped (raise the timeout${quant ? '' : ', or use --no-validate'}).`),
+      abortError: () => new ValidationError(`${what} cancelled.`),
+    }, resolve, reject);
+    if (job.settled) return;
+    const finish = job.finish;
     child.on('message', (m: WorkerMessage) => {
       if (m.type === 'progress') opts.onProgress?.(m.message);
       else if (m.type === 'result') finish(undefined, m.report as R);
@@ -75,7 +68,7 @@ export function runInChild<R extends ValidationReport | QuantMeasurement>(req: W
     });
     child.on('error', (err) => finish(new ValidationError(`cannot start the validation process: ${err.message}`)));
     child.on('exit', (code, signal) => {
-      if (settled) return;
+      if (job.settled) return;
       const lines = stderr.trim().split('\n').filter(Boolean);
       const oomLine = lines.find((l) => /heap out of memory|std::bad_alloc|Allocation failed/i.test(l));
       // The line saying why, not the last frame of a native stack dump.

@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { RepFuseError } from '../core/errors';
 import type { EndToEndInfo, TensorDiff, ValidationReport } from '../core/report';
+import { supervise } from './child';
 import { ValidationError } from './index';
 
 /** Where the whole-model check runs: an interpreter and the folders its sys.path gains. */
@@ -163,7 +164,6 @@ export function validateInPython(req: PythonRequest, opts: PythonRunOptions): Pr
   const script = opts.script ?? pyvalScript();
   const file = req.original;
   return new Promise((resolve, reject) => {
-    let settled = false;
     let stdout = '';
     let stderrTail = '';
     let partial = '';
@@ -173,21 +173,14 @@ export function validateInPython(req: PythonRequest, opts: PythonRunOptions): Pr
       env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1', PYTHONUNBUFFERED: '1' },
       windowsHide: true,
     });
-    const finish = (err: Error | undefined, result?: PythonResult) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      opts.signal?.removeEventListener('abort', onAbort);
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-      if (err) reject(err);
-      else resolve(result!);
-    };
-    const timer = setTimeout(() => {
-      finish(failure(`${opts.interpreter} did not finish within ${Number((opts.timeoutMs / 1000).toPrecision(3))} s and was stopped (raise the timeout)`, file));
-    }, opts.timeoutMs);
-    const onAbort = () => finish(new ValidationError('validation cancelled.'));
-    if (opts.signal?.aborted) return onAbort();
-    opts.signal?.addEventListener('abort', onAbort, { once: true });
+    const job = supervise<PythonResult>(child, {
+      timeoutMs: opts.timeoutMs,
+      signal: opts.signal,
+      timeoutError: () => failure(`${opts.interpreter} did not finish within ${Number((opts.timeoutMs / 1000).toPrecision(3))} s and was stopped (raise the timeout)`, file),
+      abortError: () => new ValidationError('validation cancelled.'),
+    }, resolve, reject);
+    if (job.settled) return;
+    const finish = job.finish;
 
     child.stdout.on('data', (d: Buffer) => {
       stdout = (stdout + d.toString()).slice(-(64 << 20));
@@ -208,7 +201,7 @@ export function validateInPython(req: PythonRequest, opts: PythonRunOptions): Pr
       finish(failure(`the Python interpreter ${opts.interpreter} ${why}`, file));
     });
     child.on('close', (code, signal) => {
-      if (settled) return;
+      if (job.settled) return;
       const line = stdout.trim().split('\n').pop() ?? '';
       let reply: PyReply | undefined;
       try {
