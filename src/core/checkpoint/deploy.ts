@@ -13,7 +13,7 @@ import { NewTensor, TorchTensor } from '../torch/tensor';
 import { PyBoundMethod, PyDict, PyObject, PyTuple, type PyValue } from '../torch/values';
 import type { CkptBlock } from './detect';
 import { asBN, asConv, type BNRef, type ConvRef, Reject } from './match';
-import { type CkptTensor, keysUnder, type ModuleNode, numelOf, walk } from './tree';
+import { type CkptTensor, isModuleObject, keysUnder, type ModuleNode, modulesOf, numelOf, walk } from './tree';
 
 // ----- the official whole-model folds -------------------------------------------------------------
 
@@ -486,11 +486,7 @@ export function deployStateDict(
 
 // ----- module objects ------------------------------------------------------------------------------
 
-export function isModuleObject(v: PyValue | undefined): v is PyObject {
-  return v instanceof PyObject && v.state instanceof PyDict && v.state.get('_modules') instanceof PyDict && v.state.get('_parameters') instanceof PyDict;
-}
-
-const modulesOf = (o: PyObject) => (o.state as PyDict).get('_modules') as PyDict;
+export { isModuleObject };
 
 /** The module object at a dotted path under `root`, and its parent. */
 export function objectAt(root: PyObject, p: string): { obj?: PyObject; parent?: PyObject; name: string } {

@@ -10,6 +10,7 @@ import { RepFuseError } from '../errors';
 import { NewTensor, readTensor, TorchTensor } from '../torch/tensor';
 import type { DropAuxLayer, DropAuxResult } from '../model';
 import { PyDict, PyGlobal, PyObject, type PyValue, pyNumber } from '../torch/values';
+import { isModuleObject, moduleStateOf, modulesOf } from './tree';
 
 /** How one auxiliary-head class becomes its deploy class. */
 interface HeadRule {
@@ -59,11 +60,8 @@ const AUX_ONLY = new Set(['models.common.CBLinear', 'models.common.CBFuse']);
 
 export type { DropAuxLayer, DropAuxResult } from '../model';
 
-const isModule = (v: PyValue | undefined): v is PyObject =>
-  v instanceof PyObject && v.state instanceof PyDict && v.state.get('_modules') instanceof PyDict && v.state.get('_parameters') instanceof PyDict;
-
-const stateOf = (o: PyObject): PyDict => o.state as PyDict;
-const modulesOf = (o: PyObject): PyDict => stateOf(o).get('_modules') as PyDict;
+const isModule = isModuleObject;
+const stateOf = moduleStateOf;
 
 function intOf(v: PyValue | undefined, what: string): number {
   const n = v === undefined ? undefined : pyNumber(v);

@@ -18,7 +18,7 @@ import { type CkptBlock, type CkptDetection, detectCheckpoint } from './detect';
 import { dropAux, type DropAuxResult, findAuxHeads } from './dropaux';
 import { deployBlockObject, deployStateDict, foldObject, foldParamsDelta, type FoldPlan, type PlannedFold, planFolds } from './deploy';
 import { ckptBlockSpec } from './fuse';
-import { type CkptTensor, child, MAX_MODULE_DEPTH, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
+import { type CkptTensor, child, isModuleObject, MAX_MODULE_DEPTH, type ModuleNode, newNode, numelOf, treeFromStateDict } from './tree';
 
 export { FAMILIES } from './detect';
 
@@ -66,9 +66,7 @@ export interface CheckpointAnalysis {
 
 const ENTRY_ORDER = ['ema', 'model', 'state_dict', 'model_state_dict', 'module', 'net', 'params', 'weights'];
 
-function isModule(v: PyValue | undefined): v is PyObject {
-  return v instanceof PyObject && v.state instanceof PyDict && v.state.get('_modules') instanceof PyDict && v.state.get('_parameters') instanceof PyDict;
-}
+const isModule = isModuleObject;
 
 function tensorDict(v: PyValue | undefined): PyDict | undefined {
   if (!(v instanceof PyDict) || v.size === 0) return undefined;

@@ -2,6 +2,7 @@
 // attributes known) or from the dotted keys of a bare state_dict (structure only).
 import type { NumArray } from '../dtype';
 import { FormatError } from '../errors';
+import { PyDict, PyObject, type PyValue } from '../torch/values';
 
 /**
  * Deepest module nesting accepted. Real models nest a few levels (PyTorch's pickler could not
@@ -9,6 +10,17 @@ import { FormatError } from '../errors';
  * time and memory quadratic in its depth.
  */
 export const MAX_MODULE_DEPTH = 256;
+
+/** An unpickled nn.Module object: its state is a dict with `_modules` and `_parameters` dicts. */
+export function isModuleObject(v: PyValue | undefined): v is PyObject {
+  return v instanceof PyObject && v.state instanceof PyDict && v.state.get('_modules') instanceof PyDict && v.state.get('_parameters') instanceof PyDict;
+}
+
+/** The `__dict__` of a module object (checked by isModuleObject). */
+export const moduleStateOf = (o: PyObject): PyDict => o.state as PyDict;
+
+/** The `_modules` dict of a module object (checked by isModuleObject). */
+export const modulesOf = (o: PyObject): PyDict => moduleStateOf(o).get('_modules') as PyDict;
 
 /** A tensor of a checkpoint, read lazily. */
 export interface CkptTensor {
