@@ -58,31 +58,13 @@ export function enforceFp16(check: Fp16Check, force: boolean, file: string): str
   return notes;
 }
 
-/** Re-encodes a float32 byte stream as float16, across chunk boundaries. */
-function toHalfStream(write: NewTensor['write']): NewTensor['write'] {
-  return (sink) => {
-    let rest = new Uint8Array(0);
-    write((chunk) => {
-      let b = chunk;
-      if (rest.length) {
-        b = new Uint8Array(rest.length + chunk.length);
-        b.set(rest);
-        b.set(chunk, rest.length);
-      }
-      const whole = b.length - (b.length % 4);
-      rest = b.slice(whole);
-      if (whole) sink(encodeFloats(decodeNumbers(b.subarray(0, whole), DType.float32), DType.float16));
-    });
-    if (rest.length) throw new Error('internal error: a float32 tensor produced a partial value.');
-  };
-}
-
-/** Hazards of a float32 NewTensor, by producing its bytes once. */
-function scanNew(t: NewTensor): Fp16TensorHazard {
-  let overflow = 0;
-  let subnormal = 0;
+/**
+ * Runs a float32 byte stream, calling `each` with whole float32 values only: a value split across
+ * two chunks is carried over to the next one.
+ */
+function float32Chunks(write: NewTensor['write'], each: (values: Uint8Array) => void): void {
   let rest = new Uint8Array(0);
-  t.write((chunk) => {
+  write((chunk) => {
     let b = chunk;
     if (rest.length) {
       b = new Uint8Array(rest.length + chunk.length);
@@ -91,7 +73,22 @@ function scanNew(t: NewTensor): Fp16TensorHazard {
     }
     const whole = b.length - (b.length % 4);
     rest = b.slice(whole);
-    const h = fp16Hazards(decodeNumbers(b.subarray(0, whole), DType.float32));
+    if (whole) each(b.subarray(0, whole));
+  });
+  if (rest.length) throw new Error('internal error: a float32 tensor produced a partial value.');
+}
+
+/** Re-encodes a float32 byte stream as float16, across chunk boundaries. */
+function toHalfStream(write: NewTensor['write']): NewTensor['write'] {
+  return (sink) => float32Chunks(write, (b) => sink(encodeFloats(decodeNumbers(b, DType.float32), DType.float16)));
+}
+
+/** Hazards of a float32 NewTensor, by producing its bytes once. */
+function scanNew(t: NewTensor): Fp16TensorHazard {
+  let overflow = 0;
+  let subnormal = 0;
+  float32Chunks(t.write, (b) => {
+    const h = fp16Hazards(decodeNumbers(b, DType.float32));
     overflow += h.overflow;
     subnormal += h.subnormal;
   });
