@@ -32,6 +32,13 @@ interface Meta {
   convert: string;
   fullModule?: string | null;
   deployFullModule?: string | null;
+  /**
+   * Whether the official conversion also folds plain Conv+BN outside the blocks (YOLO's Model.fuse(),
+   * DBB's ConvBN.switch_to_deploy, RepViT's replace_batchnorm: yes). Absent means yes; the
+   * classification fixtures whose conversion touches the re-parameterization blocks only
+   * (repvgg_model_convert, reparameterize_model, structural_reparam) say false.
+   */
+  officialFoldsConvBN?: boolean;
 }
 
 /** Every official-code fixture folder with a deploy_sd.pt (the official conversion's state_dict). */
@@ -123,9 +130,14 @@ describe('full-module checkpoints: the module objects end as the official conver
       // Defaults: module objects kept, Conv+BN folded (a full-module YOLO checkpoint).
       const r = await fuse(path.join(OFFICIAL, fam, 'train_full.pt'), { ...defaultFuseOptions, validate: false, output: out });
       assert.ok(r.output);
-      assert.ok(r.bnFolded > 0, 'the official Model.fuse() folds plain Conv+BN; so does the default');
-      assert.equal(r.inspect.folds.length, r.bnFolded);
-      assert.ok(r.inspect.model.notes.some((n) => /folded/.test(n)), 'the report says what was folded');
+      if (meta(fam).officialFoldsConvBN === false) {
+        assert.equal(r.bnFolded, 0, `the official ${meta(fam).convert.split(' ')[0]} folds no plain Conv+BN; neither does the default`);
+        assert.deepEqual(r.inspect.folds, []);
+      } else {
+        assert.ok(r.bnFolded > 0, 'the official Model.fuse() folds plain Conv+BN; so does the default');
+        assert.equal(r.inspect.folds.length, r.bnFolded);
+        assert.ok(r.inspect.model.notes.some((n) => /folded/.test(n)), 'the report says what was folded');
+      }
       const j = passed(await check('full_module', out, path.join(OFFICIAL, fam)), fam);
       assert.equal(j.ndiffs, 0);
     });
@@ -174,5 +186,70 @@ describe('--no-fold-bn keeps plain Conv+BN', () => {
     const r = spawnSync(process.execPath, [cli, 'fuse', path.join(OFFICIAL, 'yolov7', 'train_sd.pt'), '--fold-bn', '--no-fold-bn', '-o', path.join(tmp, 'x.pt')], { encoding: 'utf8' });
     assert.equal(r.status, 2);
     assert.match(r.stderr, /--fold-bn and --no-fold-bn exclude each other/);
+  });
+});
+
+describe('RepViT full modules (THU-MIG/RepViT: a user\'s torch.save(model); utils.replace_batchnorm)', { skip: hasFull('repvit') ? false : 'fixture missing' }, () => {
+  const fx = (f: string) => path.join(OFFICIAL, 'repvit', f);
+  const classesOf = (file: string): Map<string, string> => {
+    const a = analyzeCheckpoint(file);
+    try {
+      return new Map([...walk(a.primary.tree)].map((n) => [n.path, n.className ?? '']));
+    } finally {
+      a.close();
+    }
+  };
+
+  test('the default leaves what replace_batchnorm leaves: nn.Conv2d / nn.Linear for every RepVGGDW, Conv2d_BN, BN_Linear and the Classfier', async () => {
+    const out = path.join(tmp, 'repvit.classes.pt');
+    const r = await fuse(fx('train_full.pt'), { ...defaultFuseOptions, validate: false, output: out });
+    assert.equal(r.blocksFused, 4, 'the four RepVGGDW');
+    // 22 Conv2d_BN − 4 inside the RepVGGDW (fused with the block) + 1 Classfier (two BN_Linear heads averaged).
+    assert.equal(r.bnFolded, 19);
+    assert.deepEqual(r.inspect.rejected, []);
+    assert.deepEqual(r.inspect.notFolded, []);
+    const cls = classesOf(out);
+    const left = [...cls].filter(([, c]) => /^model\.repvit\.(Conv2d_BN|RepVGGDW|BN_Linear|Classfier)$/.test(c));
+    assert.deepEqual(left, []);
+    assert.equal(cls.get('classifier'), 'torch.nn.modules.linear.Linear');
+    assert.equal(cls.get('features.1.token_mixer.0'), 'torch.nn.modules.conv.Conv2d');
+    assert.equal(cls.get('features.1.channel_mixer'), 'model.repvit.Residual', 'Residual(Sequential) stays, as Residual.fuse returns self');
+  });
+
+  test('a RepVGGDW with a child it never calls is rejected and left whole; a Conv2d_BN whose Sequential runs an extra ReLU is not folded; the output runs equal', async () => {
+    const out = path.join(tmp, 'repvit.unknown.pt');
+    const r = await fuse(fx('train_full_unknown_child.pt'), { ...defaultFuseOptions, validate: false, output: out });
+    const rej = r.inspect.rejected.find((x) => x.name === 'features.2.token_mixer.0');
+    assert.ok(rej, JSON.stringify(r.inspect.rejected));
+    assert.match(rej.reason, /not understood: extra \(torch\.nn\.modules\.pooling\.AvgPool2d\)/);
+    const nf = r.inspect.notFolded.find((x) => x.name === 'features.6.channel_mixer.m.2');
+    assert.ok(nf, JSON.stringify(r.inspect.notFolded));
+    assert.match(nf.reason, /not understood: 'act' \(torch\.nn\.modules\.activation\.ReLU\) beside 'c' and 'bn'/);
+    assert.equal(r.blocksFused, 3);
+    assert.equal(r.bnFolded, 18, 'the Conv2d_BN of the rejected block and the one with the ReLU are left alone');
+    const cls = classesOf(out);
+    assert.equal(cls.get('features.2.token_mixer.0'), 'model.repvit.RepVGGDW');
+    assert.equal(cls.get('features.2.token_mixer.0.conv'), 'model.repvit.Conv2d_BN', 'the rejected block is left as it is, its Conv2d_BN included');
+    assert.equal(cls.get('features.6.channel_mixer.m.2.act'), 'torch.nn.modules.activation.ReLU');
+    // The ReLU changes the output by ~11 % of max|y|: had it been folded away, this would fail.
+    const j = passed(await check('run_only', out, path.join(OFFICIAL, 'repvit'), 'unknown_child_out'), 'repvit unknown child');
+    assert.ok((j.outputs as unknown[]).length === 1);
+  });
+
+  test('--no-fold-bn: module objects keep Conv2d_BN / BN_Linear / Classfier (the report says so) and run; a state_dict is refused', async () => {
+    const out = path.join(tmp, 'repvit.nofold.pt');
+    const r = await fuse(fx('train_full.pt'), { ...defaultFuseOptions, validate: false, output: out, checkpointFoldBN: false });
+    assert.equal(r.blocksFused, 4);
+    assert.equal(r.bnFolded, 0);
+    assert.ok(r.inspect.model.notes.some((n) => /--no-fold-bn: 19 RepViT modules \(Conv2d_BN, Classfier\) kept in training form/.test(n)), JSON.stringify(r.inspect.model.notes));
+    const cls = classesOf(out);
+    assert.equal(cls.get('classifier'), 'model.repvit.Classfier');
+    assert.equal(cls.get('features.1.token_mixer.0'), 'torch.nn.modules.conv.Conv2d');
+    passed(await check('run_only', out, path.join(OFFICIAL, 'repvit')), 'repvit --no-fold-bn');
+    await assert.rejects(
+      fuse(fx('train_sd.pt'), { ...defaultFuseOptions, validate: false, output: path.join(tmp, 'repvit.nofold.sd.pt'), checkpointFoldBN: false }),
+      /--no-fold-bn cannot write a RepViT state_dict: the official utils\.replace_batchnorm folds the 19 Conv2d_BN, Classfier modules/,
+    );
+    assert.ok(!fs.existsSync(path.join(tmp, 'repvit.nofold.sd.pt')));
   });
 });

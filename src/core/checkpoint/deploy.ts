@@ -531,9 +531,11 @@ function requiresGradOf(template: PyObject): boolean {
 
 /**
  * Families whose official conversion ends with `for para in self.parameters(): para.detach_()`:
- * every parameter left in the block, the new conv's included, stops requiring grad.
+ * every parameter left in the block, the new conv's included, stops requiring grad. Not RepVGG:
+ * DingXiaoH/RepVGG's switch_to_deploy detached from 2021 until commit 82b28bb (2022-09) and no
+ * longer does; its rbr_reparam is a fresh nn.Conv2d whose parameters require grad.
  */
-const DETACHES = new Set<string>(['repvgg', 'yolov6', 'qarepvgg', 'qarepvggv2', 'mobileone', 'dbb', 'ultralytics_repconv', 'yolov9']);
+const DETACHES = new Set<string>(['yolov6', 'qarepvgg', 'qarepvggv2', 'mobileone', 'dbb', 'ultralytics_repconv', 'yolov9']);
 
 /** `para.detach_()` on every parameter of a module tree: requires_grad becomes False. */
 function detachParameters(root: PyObject): void {
