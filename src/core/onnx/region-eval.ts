@@ -521,6 +521,77 @@ function matmul(node: OnnxNode, a: Tensor, b: Tensor): Tensor {
   return { dims: [m, n], data: out };
 }
 
+/** Most multiply-adds one Einsum may take (OREPA's largest kernel products take a few million). */
+const MAX_EINSUM_STEPS = 1 << 28;
+
+/**
+ * Einsum with explicit or implicit output, letters only (OREPA's `oihw,o->oihw`,
+ * `cgtihw,ocgt->cogihw`: its run-time kernels): every product summed in float64. A repeated letter
+ * in one operand takes its diagonal; an ellipsis (broadcast dims) is refused by name.
+ */
+function einsum(node: OnnxNode, ts: Tensor[]): Tensor {
+  const eq = (attrString(node, 'equation') ?? '').replace(/\s+/g, '');
+  if (eq.includes('.')) throw new EvalError(node, `has an ellipsis in '${eq}'; only lettered equations are evaluated.`);
+  const arrow = eq.indexOf('->');
+  const lhs = arrow >= 0 ? eq.slice(0, arrow) : eq;
+  const terms = lhs.split(',');
+  if (terms.length !== ts.length || !/^[A-Za-z,]*(->[A-Za-z]*)?$/.test(eq)) throw new EvalError(node, `has an equation '${eq}' that does not fit its ${ts.length} inputs.`);
+  // A label's size; a dim of 1 broadcasts against a larger one (torch and onnxruntime do so:
+  // OREPA_3x3_RepVGG's `oihw,hw->oihw` multiplies a [o, i, 1, 1] weight by a [k, k] window).
+  const size = new Map<string, number>();
+  terms.forEach((t, k) => {
+    if (t.length !== ts[k].dims.length) throw new EvalError(node, `operand ${k} has rank ${ts[k].dims.length}, its term '${t}' ${t.length}.`);
+    [...t].forEach((c, a) => {
+      const d = ts[k].dims[a];
+      const e = size.get(c);
+      if (e !== undefined && e !== d && e !== 1 && d !== 1) throw new EvalError(node, `label '${c}' has sizes ${e} and ${d}.`);
+      size.set(c, e === undefined || e === 1 ? d : e);
+    });
+  });
+  let out: string[];
+  if (arrow >= 0) out = [...eq.slice(arrow + 2)];
+  else {
+    const count = new Map<string, number>();
+    for (const c of lhs.replace(/,/g, '')) count.set(c, (count.get(c) ?? 0) + 1);
+    out = [...count.keys()].filter((c) => count.get(c) === 1).sort();
+  }
+  if (new Set(out).size !== out.length || out.some((c) => !size.has(c))) throw new EvalError(node, `has an output '${out.join('')}' that is not a set of input labels.`);
+  const labels = [...out, ...[...size.keys()].filter((c) => !out.includes(c))];
+  const dims = out.map((c) => size.get(c)!);
+  const res = alloc(numel(dims));
+  const total = numel(labels.map((c) => size.get(c)!));
+  if (total > MAX_EINSUM_STEPS) throw new EvalError(node, `would take ${total} products, more than the ${MAX_EINSUM_STEPS} RepFuse evaluates.`);
+  if (total === 0) return { dims, data: res };
+  // Per operand, the stride each label moves it by (repeated letters add up: the diagonal).
+  const st = terms.map((t, k) => {
+    const s = strides(ts[k].dims);
+    return labels.map((c) => [...t].reduce((a, x, i) => (x === c && ts[k].dims[i] !== 1 ? a + s[i] : a), 0));
+  });
+  const n = labels.length;
+  const sz = labels.map((c) => size.get(c)!);
+  const inner = numel(sz.slice(out.length)); // summed steps per output element
+  const idx = new Array<number>(n).fill(0);
+  const off = new Array<number>(ts.length).fill(0);
+  for (let o = 0; o < res.length; o++) {
+    let acc = 0;
+    for (let q = 0; q < inner; q++) {
+      let p = 1;
+      for (let k = 0; k < ts.length; k++) p *= ts[k].data[off[k]];
+      acc += p;
+      // Odometer over all labels (the summed ones vary fastest, then the output's).
+      for (let a = n - 1; a >= 0; a--) {
+        idx[a]++;
+        for (let k = 0; k < ts.length; k++) off[k] += st[k][a];
+        if (idx[a] < sz[a]) break;
+        for (let k = 0; k < ts.length; k++) off[k] -= st[k][a] * sz[a];
+        idx[a] = 0;
+      }
+    }
+    res[o] = acc;
+  }
+  return { dims, data: res };
+}
+
 function axesOf(node: OnnxNode, ins: (Tensor | undefined)[], opset: number): number[] | undefined {
   if (opset >= 13) return ins[1] ? Array.from(ins[1].data) : undefined;
   return attrInts(node, 'axes');
@@ -605,6 +676,8 @@ function runNodeUnchecked(node: OnnxNode, ins: (Tensor | undefined)[], opset: nu
       return [transpose(node, need(0))];
     case 'Gather':
       return [gather(node, need(0), need(1))];
+    case 'Einsum':
+      return [einsum(node, ins.map((_, k) => need(k)))];
     case 'MatMul':
       return [matmul(node, need(0), need(1))];
     case 'Shape': {
@@ -700,6 +773,6 @@ function rawScalar(raw: Uint8Array | null | undefined, dataType: number): number
 /** Ops the interpreter runs (the set a region's nodes and constant subgraphs must come from). */
 export const EVAL_OPS = new Set([
   'Identity', 'Dropout', 'Conv', 'BatchNormalization', 'AveragePool', 'Add', 'Sum', 'Sub', 'Mul', 'Div', 'Pow', 'Neg', 'Sqrt', 'Reciprocal',
-  'Equal', 'Where', 'Pad', 'Slice', 'Concat', 'ScatterND', 'Expand', 'Transpose', 'Gather', 'MatMul', 'Shape', 'Size', 'Cast', 'Range',
+  'Equal', 'Where', 'Pad', 'Slice', 'Concat', 'ScatterND', 'Expand', 'Transpose', 'Gather', 'MatMul', 'Einsum', 'Shape', 'Size', 'Cast', 'Range',
   'ConstantOfShape', 'Reshape', 'Flatten', 'Unsqueeze', 'Squeeze',
 ]);

@@ -30,6 +30,8 @@ const evalLimitFor = (model: OnnxModel): number => Math.max(1 << 16, Math.min(1 
 export class ConstFolder {
   private readonly isConst = new Set<string>();
   private readonly values = new Map<string, Tensor | null>();
+  /** Why a constant could not be computed: the first node of its subgraph that failed. */
+  private readonly reasons = new Map<string, string>();
   readonly opset: number;
 
   constructor(
@@ -83,8 +85,12 @@ export class ConstFolder {
     // real constant subgraphs (OREPA's kernels) have a handful of nodes.
     const stack: OnnxNode[] = [p];
     let steps = 0;
+    let reason: string | undefined;
     while (stack.length) {
-      if (++steps > 4096) return undefined;
+      if (++steps > 4096) {
+        this.reasons.set(name, `its constant subgraph has more than 4096 nodes.`);
+        return undefined;
+      }
       const n = stack[stack.length - 1];
       const missing = n.inputs.filter((i) => i && !this.values.has(i) && this.index.producer.get(i) && this.index.producer.get(i)!.opType !== 'Constant');
       if (missing.length) {
@@ -103,13 +109,22 @@ export class ConstFolder {
         } catch (e) {
           // An op it cannot run, or shapes too big to allocate (a hostile file): not a constant.
           if (!(e instanceof EvalError) && !(e instanceof RangeError)) throw e;
+          reason ??= e instanceof EvalError ? e.message : `${nodeLabel(n)} needs tensors too big to evaluate.`;
         }
       }
       // A computed constant may not be much bigger than the file (ConstantOfShape of a huge shape).
       const cap = Math.max(1 << 16, Math.min(MAX_CONST, Math.floor(this.model.source.size / 8)));
+      if (outs?.some((t) => t.data.length > cap)) reason ??= `${nodeLabel(n)} computes a constant bigger than ${cap} values.`;
       n.outputs.forEach((o, k) => o && this.values.set(o, outs?.[k] && outs[k].data.length <= cap ? outs[k] : null));
     }
-    return this.values.get(name) ?? undefined;
+    const v = this.values.get(name) ?? undefined;
+    if (!v && reason) this.reasons.set(name, reason);
+    return v;
+  }
+
+  /** Why the constant `name` could not be computed (after value() said undefined), if known. */
+  why(name: string): string | undefined {
+    return this.reasons.get(name);
   }
 
   private leaf(name: string): Tensor | undefined {
@@ -492,13 +507,26 @@ function groupStages(x: string, y: string, data: OnnxNode[], cls: Map<string, Cl
   }
   flush();
   // Keep groups that the plain Conv → BN fold cannot express: a sum of branches, pooling or
-  // padding, or a constant shift before a conv. A conv with only a BN or a layer scale after it
-  // stays as it is (the official conversions keep those scales).
+  // padding, a constant shift before a conv, or a conv whose weight a constant subgraph computes
+  // (OREPA's run-time kernel: the plain fold reads stored weights only). A conv with only a BN or
+  // a layer scale after it stays as it is (the official conversions keep those scales).
   return groups.filter((g) => {
     const join = g.data.some((n) => isParallelJoin(n, cls));
-    const conv = g.data.some((n) => n.opType === 'Conv');
-    return join || (conv && (g.lead || g.data.some((n) => ['AveragePool', 'Pad', 'Slice', 'Concat', 'ScatterND', 'Expand'].includes(n.opType))));
+    const convs = g.data.filter((n) => n.opType === 'Conv');
+    if (convs.some((n) => computedParam(n.inputs[1], index) || (!!n.inputs[2] && computedParam(n.inputs[2], index)))) return true;
+    return join || (convs.length > 0 && (g.lead || g.data.some((n) => ['AveragePool', 'Pad', 'Slice', 'Concat', 'ScatterND', 'Expand'].includes(n.opType))));
   });
+}
+
+/** A constant that a subgraph computes (not an initializer or Constant, possibly behind Identity nodes). */
+function computedParam(t: string, index: GraphIndex): boolean {
+  for (let k = 0; k < 64; k++) {
+    const p = index.producer.get(t);
+    if (!p || p.opType === 'Constant') return false;
+    if (p.opType !== 'Identity') return true;
+    t = p.inputs[0];
+  }
+  return true;
 }
 
 // ----- numeric fusion ---------------------------------------------------------------------------
@@ -538,7 +566,10 @@ function evaluate(r: RegionNodes, xv: Tensor, consts: ConstFolder, linear = fals
     let ins = n.inputs.map((i) => {
       if (!i) return undefined;
       const v = env.get(i) ?? consts.value(i);
-      if (!v) throw new RegionReject(`${nodeLabel(n)} reads '${i}', which the region cannot compute.`, n);
+      if (!v) {
+        const why = consts.why(i);
+        throw new RegionReject(`${nodeLabel(n)} reads '${i}', which the region cannot compute${why ? `: ${why}` : '.'}`, n);
+      }
       return v;
     });
     let node = n;
