@@ -8,6 +8,7 @@ import dbb from './dbb';
 import fastvit_repcpe from './fastvit_repcpe';
 import fastvit_repmixer from './fastvit_repmixer';
 import mobileone from './mobileone';
+import orepa from './orepa';
 import ppyoloe from './ppyoloe';
 import qarepvgg from './qarepvgg';
 import qarepvggv2 from './qarepvggv2';
@@ -26,6 +27,7 @@ import yolov9 from './yolov9';
 export type { DeployLayout, FamilyDef, OfficialRef, OnnxFacts } from './types';
 
 export const FAMILY_LIST = [
+  ...orepa, // OREPA's three block classes (their matchers look for its own tensor names)
   fastvit_repmixer,
   fastvit_repcpe,
   yolov7,
