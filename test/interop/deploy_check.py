@@ -141,6 +141,8 @@ def state_dict(path, fixture):
 
 def describe(m):
     """What the official conversion leaves on one module, in comparable form."""
+    import hashlib
+
     import torch
 
     d = {}
@@ -150,7 +152,9 @@ def describe(m):
         if hasattr(v, "__func__") and getattr(v, "__self__", None) is m:
             d[k] = f"<bound {v.__func__.__name__}>"
         elif isinstance(v, torch.Tensor):
-            d[k] = f"<tensor {tuple(v.shape)}>"
+            # plain tensor attributes (MobileOne's id_tensor, ...): shape, dtype and exact values
+            digest = hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12]
+            d[k] = f"<tensor {tuple(v.shape)} {v.dtype} {'grad ' if v.requires_grad else ''}{digest}>"
         elif v is None or isinstance(v, (bool, int, float, str)):
             d[k] = v
         elif isinstance(v, (tuple, list)) and all(isinstance(x, (bool, int, float, str)) for x in v):

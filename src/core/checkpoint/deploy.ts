@@ -606,7 +606,22 @@ export function deployBlockObject(block: CkptBlock, root: PyObject, fused: (b: C
   }
   for (const [k, v] of Object.entries(lay.setAttrs ?? {})) st.set(k, v);
   for (const [k, m] of Object.entries(lay.bindMethods ?? {})) st.set(k, new PyBoundMethod(obj, m));
+  const idBranch = lay.identityTensor ? block.branches.find((b) => b.kind === 'bn_identity') : undefined;
+  if (lay.identityTensor && idBranch) st.set(lay.identityTensor, identityKernel(block, dtype ?? idBranch.bn?.gamma?.dtype ?? convRef.weight.dtype));
   if (DETACHES.has(block.family)) detachParameters(obj);
+}
+
+/** The identity as the block's k×k kernel (in × in/groups × kh × kw, ones at the centre), a plain tensor. */
+function identityKernel(block: CkptBlock, dtype: DType): NewTensor {
+  const cin = block.info.inChannels;
+  const ipg = cin / block.groups;
+  const [kh, kw] = block.kernel;
+  const shape = [cin, ipg, kh, kw];
+  return new NewTensor(dtype, shape, () => {
+    const v = new Float64Array(numelOf(shape));
+    for (let i = 0; i < cin; i++) v[((i * ipg + (i % ipg)) * kh + (kh - 1) / 2) * kw + (kw - 1) / 2] = 1;
+    return encodeFloats(v, dtype);
+  });
 }
 
 /** Applies one planned fold to the module objects under `root`, in place, as the official fuse does. */

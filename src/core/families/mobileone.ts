@@ -31,7 +31,8 @@ export default defineFamily({
   classes: ['MobileOneBlock'],
   modules: ['rbr_conv', 'rbr_scale', 'rbr_skip'],
   after: ['activation', 'se'],
-  deploy: { module: 'reparam_conv', remove: ['rbr_conv', 'rbr_scale', 'rbr_skip'], setAttrs: { inference_mode: true } },
+  // reparameterize deletes the branches but keeps the identity kernel _fuse_bn_tensor cached.
+  deploy: { module: 'reparam_conv', remove: ['rbr_conv', 'rbr_scale', 'rbr_skip'], setAttrs: { inference_mode: true }, identityTensor: 'id_tensor' },
   official: { repo: 'apple/ml-mobileone', path: 'mobileone.py', fn: 'MobileOneBlock.reparameterize (reparameterize_model)' },
   match(n, ctx) {
     const c = n.children;

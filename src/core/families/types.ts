@@ -40,6 +40,13 @@ export interface DeployLayout {
    */
   bindMethods?: Record<string, string>;
   /**
+   * A plain tensor attribute the official conversion leaves behind when the block has a BN(x)
+   * identity branch: MobileOne's `_fuse_bn_tensor` caches the identity kernel as `id_tensor` and
+   * `reparameterize` never deletes it. Written as that kernel (in × in/groups × k × k, ones at the
+   * centre, in the identity BN's dtype), not a parameter, not in the state_dict.
+   */
+  identityTensor?: string;
+  /**
    * The official conversion replaces the whole block module with the fused conv (RepViT's
    * `replace_batchnorm`: `token_mixer.0.weight`, no `.conv.`); `module` is then only a fallback.
    */
