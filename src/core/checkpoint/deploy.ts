@@ -533,9 +533,11 @@ function requiresGradOf(template: PyObject): boolean {
  * Families whose official conversion ends with `for para in self.parameters(): para.detach_()`:
  * every parameter left in the block, the new conv's included, stops requiring grad. Not RepVGG:
  * DingXiaoH/RepVGG's switch_to_deploy detached from 2021 until commit 82b28bb (2022-09) and no
- * longer does; its rbr_reparam is a fresh nn.Conv2d whose parameters require grad.
+ * longer does; its rbr_reparam is a fresh nn.Conv2d whose parameters require grad. FastViT's
+ * RepMixer and RepCPE detach; ReparamLargeKernelConv (FastViT's reparameterize, RepLKNet's
+ * merge_kernel) does not.
  */
-const DETACHES = new Set<string>(['yolov6', 'qarepvgg', 'qarepvggv2', 'mobileone', 'dbb', 'ultralytics_repconv', 'yolov9']);
+const DETACHES = new Set<string>(['yolov6', 'qarepvgg', 'qarepvggv2', 'mobileone', 'dbb', 'ultralytics_repconv', 'yolov9', 'fastvit_repmixer', 'fastvit_repcpe']);
 
 /** `para.detach_()` on every parameter of a module tree: requires_grad becomes False. */
 function detachParameters(root: PyObject): void {
