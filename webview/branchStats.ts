@@ -143,13 +143,18 @@ function swatch(color: string): HTMLElement {
   return el;
 }
 
+/** Why a branch has no raw weights: an identity stores none; a branch computed from a region (avg-pool, convs in series) has no one stored tensor. */
+function noRawWeights(b: BlockStats['branches'][number]): string {
+  return b.kind === 'identity' || b.kind === 'bn_identity' ? '— (no weights)' : '— (no single stored tensor)';
+}
+
 function branchTable(st: BlockStats, mode: WeightMode): HTMLElement {
   const th = currentTheme();
   const rows = st.branches.map((b, i) => {
     const s = mode === 'raw' ? b.raw : b.folded;
-    const shape = mode === 'raw' ? (b.shape ? b.shape.join('×') : '— (no weights)') : b.shape ? b.shape.join('×') : `diag ${b.folded.count}`;
+    const shape = mode === 'raw' ? (b.shape ? b.shape.join('×') : noRawWeights(b)) : b.foldedShape ? b.foldedShape.join('×') : `diag ${b.folded.count}`;
     return [
-      h('span', { class: 'series-label' }, swatch(th.series[i % th.series.length]), b.label),
+      h('span', { class: 'series-label', title: b.description }, swatch(th.series[i % th.series.length]), b.label),
       shape,
       fmtCount(b.params),
       b.epsilon === null ? '—' : fmtNum(b.epsilon),
@@ -245,7 +250,7 @@ function render(): void {
       h(
         'div',
         { class: 'card-grid' },
-        histCards.map((x) => card(x.b.label, h('div', { class: 'pair' }, x.raw ? h('div', null, h('p', { class: 'muted small' }, 'raw'), x.raw.box) : h('p', { class: 'muted small' }, 'identity: no stored weights'), h('div', null, h('p', { class: 'muted small' }, 'BN-folded'), x.folded.box)))),
+        histCards.map((x) => card(x.b.label, h('div', { class: 'pair' }, x.raw ? h('div', null, h('p', { class: 'muted small' }, 'raw'), x.raw.box) : h('p', { class: 'muted small' }, x.b.kind === 'identity' || x.b.kind === 'bn_identity' ? 'identity: no stored weights' : 'raw: no single stored tensor (its kernel is computed from several ops)'), h('div', null, h('p', { class: 'muted small' }, 'BN-folded'), x.folded.box)))),
         card('fused kernel', h('p', { class: 'muted small' }, 'fused'), fusedHist.box),
       ),
     ),

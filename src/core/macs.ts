@@ -485,7 +485,7 @@ const PER_POSITION: Record<string, 'conv' | 'free' | undefined> = { conv: 'conv'
  * no MACs. A block with a branch of another kind (a sequential 1×1→k×k pair, whose inner width the
  * summary does not carry) is left out and named in `missing`.
  */
-export function perPositionBlockMacs(blocks: { name: string; kernel: number[]; groups: number; inChannels: number; outChannels: number; branches: { kind: string; kernel?: number[] }[] }[]): { blocks: BlockMacs[]; missing: string[] } {
+export function perPositionBlockMacs(blocks: { name: string; kernel: number[]; groups: number; inChannels: number; outChannels: number; branches: { kind: string; kernel?: number[]; dtype?: string }[] }[]): { blocks: BlockMacs[]; missing: string[] } {
   const out: BlockMacs[] = [];
   const missing: string[] = [];
   for (const b of blocks) {
@@ -493,7 +493,8 @@ export function perPositionBlockMacs(blocks: { name: string; kernel: number[]; g
     let before = 0;
     let ok = true;
     for (const br of b.branches) {
-      const k = PER_POSITION[br.kind];
+      // An avg-pool branch with weights (DBB's 1×1 → avg-pool) has a conv of unknown inner width.
+      const k = br.kind === 'avgpool' && br.dtype ? undefined : PER_POSITION[br.kind];
       if (k === 'conv' && br.kernel) before += perTap * numelOf(br.kernel);
       else if (k !== 'free') ok = false;
     }

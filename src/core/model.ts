@@ -115,6 +115,12 @@ export interface BranchData {
   /** Constant factor (PP-YOLOE α), scalar or per output channel. */
   scale?: ArrayLike<number>;
   /**
+   * The branch's kernel with everything on its path folded in, at its own size (ONNX linear
+   * regions, whose branches are computed rather than stored); when absent, the statistics fold
+   * `weight`, `bn` and `scale` themselves.
+   */
+  folded?: { shape: number[]; values: ArrayLike<number> };
+  /**
    * The branch's exact contribution to the fused conv: BN folded, factor applied, zero-padded to
    * the fused kernel size, identity expanded to its kernel. Sum over branches (then post-BN) = fused.
    */

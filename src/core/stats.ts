@@ -1,6 +1,7 @@
 // Statistics of one block's branches, computed from BlockData for the branch statistics view.
 // Pure and JSON-safe: every number that can be undefined is null (never NaN or ±Infinity), so the
 // summary crosses postMessage intact. Only summaries leave this module, never whole tensors.
+import { branchLong } from './branches';
 import type { BlockData, BlockInfo, BranchData, BranchKind } from './model';
 
 type Num = ArrayLike<number>;
@@ -57,6 +58,8 @@ export interface BNStats {
 export interface BranchStats {
   label: string;
   kind: BranchKind;
+  /** The kind in words (`average pooling (a 1/k² channel-diagonal kernel)`), for tooltips. */
+  description: string;
   /** Shape of the raw weight as stored; null for identity branches. */
   shape: number[] | null;
   /** Parameters of the branch (weights, bias, BN, factor), as the reader counted them. */
@@ -74,6 +77,8 @@ export interface BranchStats {
    */
   folded: TensorStats;
   foldedHistogram: Histogram;
+  /** Shape of the folded weights; null for identity branches (their diagonal). */
+  foldedShape: number[] | null;
   /** Per-output-channel L2 norm of the branch's contribution to the fused kernel. */
   foldedChannelL2: number[];
   /** Contribution of this branch to the fused bias. */
@@ -264,6 +269,7 @@ function bnStats(bn: NonNullable<BranchData['bn']>): BNStats {
  * branches, the diagonal entries of its identity kernel (read from the contribution).
  */
 export function foldedWeights(br: BranchData, inPerGroup: number): Float64Array {
+  if (br.folded) return Float64Array.from(br.folded.values);
   const cout = br.contribution.shape[0];
   if (br.weight) {
     const w = br.weight.values;
@@ -315,6 +321,7 @@ export function blockStats(data: BlockData, opts: { bins?: number; nearZeroRel?:
     return {
       label: br.label,
       kind: br.kind,
+      description: branchLong(info ?? { kind: br.kind }),
       shape: br.weight ? [...br.weight.shape] : null,
       params: info?.params ?? 0,
       epsilon: br.bn ? br.bn.eps : (info?.epsilon ?? null),
@@ -325,6 +332,7 @@ export function blockStats(data: BlockData, opts: { bins?: number; nearZeroRel?:
       rawChannelL2: br.weight ? channelL2(br.weight.values, cout) : null,
       folded: tensorStats(folded, rel),
       foldedHistogram: histogram(folded, bins),
+      foldedShape: br.folded ? [...br.folded.shape] : br.weight ? [...br.weight.shape] : null,
       foldedChannelL2: channelL2(c, cout),
       foldedBias: tensorStats(br.contribution.bias, rel),
       bn: br.bn ? bnStats(br.bn) : null,

@@ -281,7 +281,9 @@ export function detectCheckpoint(root: ModuleNode, opts: CkptDetectOptions = {})
       const bns = [b.first?.bn, b.bn].filter((x): x is BNRef => !!x);
       const geo = geos[i];
       return {
-        kind: b.kind,
+        // DBB's 1×1 → BN-pad → avg-pool is lowered as two steps in series but is an avg-pool branch,
+        // as the ONNX region of the same block says (a conv inside shows in `dtype`).
+        kind: b.kind === 'sequential' && b.pool ? 'avgpool' : b.kind,
         kernel: geo?.kernel ?? b.pool?.kernel,
         hasBias: !!(b.conv?.bias ?? b.first?.conv.bias),
         hasBN: bns.length > 0,

@@ -7,6 +7,7 @@ import { RepFuseError } from '../errors';
 import { type Detection, detect } from './detect';
 import { numelOf, type OnnxModel, openOnnx, tensorByteLength } from './reader';
 import { blockSpec, planRewrite, type RewriteResult } from './rewrite';
+import { regionBlockData } from './regionstats';
 import { writeOnnx, type WriteResult } from './writer';
 
 export { openOnnx } from './reader';
@@ -101,8 +102,9 @@ export function onnxBlockData(a: Analysis, blockName: string): BlockData {
   const b = a.detection.blocks.find((x) => x.info.name === blockName);
   if (!b) throw new RepFuseError(`no block named '${blockName}'.`, a.model.path);
   if (!b.fused) return blockDataFromSpec(b.info, blockSpec(a.model, b));
-  // A linear region's branches are not separate terms of the fused kernel (they pass through shared
-  // scales and pads): its statistics show the one convolution it equals.
+  // A linear region: each term of its last sum with its exact share of the fused kernel.
+  if (b.region) return regionBlockData(a.model, a.detection.index, b);
+  // A BN → Gemm fold: the one matrix it equals.
   const whole = { kind: 'conv' as const, kernel: b.kernel, hasBias: true, hasBN: false, params: b.info.paramsBefore, dtype: dtypeName(b.dtype), parts: b.info.branches.flatMap((br) => br.parts) };
   return blockDataFromSpec({ ...b.info, branches: [whole] }, blockSpec(a.model, b));
 }
