@@ -5,6 +5,7 @@
 // block of the official state_dict through the checkpoint branch specs).
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { analyzeCheckpoint, checkpointBlockData } from '../src/core/checkpoint';
@@ -15,6 +16,7 @@ import { regionTerms } from '../src/core/onnx/regionterms';
 import { blockStats, bnScale } from '../src/core/stats';
 import { ModelWorkerClient } from '../src/extension/worker/client';
 import type { InspectOptions } from '../src/extension/view/settings';
+import { attrInt, attrInts, ModelBuilder } from './helpers/onnx-builder';
 import { repoRoot } from './helpers/paths';
 
 const official = (...p: string[]) => path.join(repoRoot, 'test', 'fixtures', 'official', ...p);
@@ -292,4 +294,44 @@ describe('what the host sends the statistics webview (the real model worker)', (
     assert.doesNotMatch(json, /NaN|Infinity/);
     assert.ok(json.length < 64_000, `${json.length} bytes`);
   });
+});
+
+describe('synthetic regions', () => {
+  /** x → (3×3 conv, 3×3 avg-pool) → Add → [Mul by a per-channel constant] → [Add a per-channel constant] → ReLU. */
+  function model(tail: 'scale' | 'constant'): Uint8Array {
+    const C = 4;
+    const b = new ModelBuilder({ seed: 11 });
+    const x = b.input('x', [1, C, 12, 12]);
+    const conv = b.conv(x, C, C, [3, 3], { pads: [1, 1, 1, 1], bias: true });
+    const avg = b.op('AveragePool', [x], { attrs: [attrInts('kernel_shape', [3, 3]), attrInts('pads', [1, 1, 1, 1]), attrInt('count_include_pad', 1)] });
+    let y = b.add(conv, avg);
+    y = tail === 'scale' ? b.mul(y, b.randInit('s', [1, C, 1, 1], 0.5, 2)) : b.add(y, b.randInit('c', [1, C, 1, 1], 0.5, 2));
+    b.output(b.relu(y));
+    return b.encode();
+  }
+  for (const tail of ['scale', 'constant'] as const) {
+    test(`a sum followed by a per-channel ${tail === 'scale' ? 'factor: two branches, the factor in each' : 'constant: one branch, since the constant belongs to no branch'}`, () => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'repfuse-regionstats-'));
+      try {
+        const file = path.join(dir, `${tail}.onnx`);
+        fs.writeFileSync(file, model(tail));
+        withOnnx(file, (a) => {
+          const b = a.detection.blocks.find((x) => x.region);
+          assert.ok(b, JSON.stringify(a.report.rejected));
+          const d = onnxBlockData(a, b.info.name);
+          if (tail === 'scale') {
+            assert.deepEqual(labels(d), ['3×3 conv', '3×3 avg']);
+            assertExact(d, tail);
+          } else {
+            assert.equal(d.branches.length, 1);
+            assert.match(d.branches[0].label, /\(whole region\)$/);
+            assert.ok((d.block.assumptions ?? []).some((x) => /a constant .* that belongs to no branch/.test(x)), JSON.stringify(d.block.assumptions));
+            assertExact(d, tail);
+          }
+        });
+      } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
 });

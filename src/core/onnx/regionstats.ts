@@ -135,7 +135,7 @@ function whole(b: OnnxBlock, why: string): BlockData {
   const f = b.fused!;
   const single = b.info.branches.length === 1 ? b.info.branches[0] : undefined;
   const info: BranchInfo = single ?? { kind: 'conv', kernel: b.kernel, hasBias: true, hasBN: false, params: b.info.paramsBefore, parts: b.info.branches.flatMap((br) => br.parts) };
-  const label = single ? `${branchLabel({ ...single, kernel: single.kernel ?? b.kernel })} (whole region)` : `${b.kernel.join('×')} whole region`;
+  const label = single ? `${branchLabel({ ...single, kernel: single.kernel ?? b.kernel })} (whole region)` : `${b.kernel.join('×')} conv (whole region)`;
   const block = { ...b.info, branches: [{ ...info, params: b.info.paramsBefore }], assumptions: [...(b.info.assumptions ?? []), `branches not split: ${why}`] };
   const fused = { shape: [...f.weightDims], weight: f.weight, bias: f.bias };
   return { block, branches: [{ label, kind: info.kind, contribution: { shape: [...f.weightDims], weight: Float64Array.from(f.weight), bias: Float64Array.from(f.bias) } }], fused };
