@@ -513,7 +513,7 @@ function groupStages(x: string, y: string, data: OnnxNode[], cls: Map<string, Cl
   return groups.filter((g) => {
     const join = g.data.some((n) => isParallelJoin(n, cls));
     const convs = g.data.filter((n) => n.opType === 'Conv');
-    if (convs.some((n) => computedParam(n.inputs[1], index) || (!!n.inputs[2] && computedParam(n.inputs[2], index)))) return true;
+    if (convs.some((n) => computedParam(n.inputs[1], index))) return true;
     return join || (convs.length > 0 && (g.lead || g.data.some((n) => ['AveragePool', 'Pad', 'Slice', 'Concat', 'ScatterND', 'Expand'].includes(n.opType))));
   });
 }
