@@ -131,6 +131,16 @@ export function openModel(file: string, opts: EngineOptions & { eps?: number; fa
     const kind = modelKind(file); // a one-line error for anything else
     if (kind === 'checkpoint') {
       const a = analyzeCheckpoint(file, { eps: opts.eps, family: opts.family });
+      try {
+        // What `fuse` would fold besides the blocks (its default; --no-fold-bn keeps them), and what
+        // it would leave alone and why: said, not silently skipped. The folds themselves are listed by fuse.
+        const plan = checkpointFolds(a.primary, opts.foldBN === false ? false : undefined, opts.eps, a.modules.length > 0);
+        if (plan.note) a.report.model.notes.push(`on fuse: ${plan.note}`);
+        a.report.notFolded.push(...plan.notFolded);
+      } catch (err) {
+        a.close();
+        throw err;
+      }
       return { kind, report: a.report, blockData: (b) => checkpointBlockData(a, b), close: () => a.close() };
     }
     const model = openOnnx(file);

@@ -5,7 +5,7 @@ Called by test/deploy-official.test.ts (Debian's PyTorch: run with /usr/bin/pyth
 
     deploy_check.py state_dict <fused.pt> <fixture_dir>
     deploy_check.py full_module <fused_full.pt> <fixture_dir>
-    deploy_check.py run_only <fused_full.pt> <fixture_dir>
+    deploy_check.py run_only <fused_full.pt> <fixture_dir> [<outputs_prefix>]
 
 <fixture_dir> is one of test/fixtures/official/<family>/ (see /work/coord/FIXTURES.md): deploy_sd.pt,
 deploy_out_<i>.npy, input.npy, meta.json and, for YOLO families, deploy_full.pt (the officially
@@ -23,7 +23,9 @@ full_module  the rewritten checkpoint unpickles with only the stand-ins, and eve
              torch.load(out)['model'].float().eval()(x) reproduces deploy_full_out_<i>.npy
              (fp16 checkpoints: within fp16 rounding, 2e-3 * max|y|; fp32: 1e-5 * max|y|).
 run_only     only the last step of full_module: unpickle with the stand-ins, run, compare
-             (for outputs that are not meant to look like deploy_full.pt, e.g. --no-fold-bn).
+             (for outputs that are not meant to look like deploy_full.pt, e.g. --no-fold-bn);
+             <outputs_prefix> names other reference outputs of the fixture (<prefix>_<i>.npy, e.g.
+             unknown_child_out for a checkpoint with a child RepFuse must leave alone).
 
 Prints exactly one JSON line; exit 0 ok, 1 wrong, 2 could not run.
 """
@@ -170,14 +172,15 @@ def describe(m):
     }
 
 
-def run_only(path, fixture):
+def run_only(path, fixture, prefix=None):
     import torch
 
     meta = setup(fixture)
     ck = torch.load(path, map_location="cpu")
     m = ck["model"] if isinstance(ck, dict) else ck
     fp16 = any(p.dtype == torch.float16 for p in m.parameters())
-    prefix = "deploy_full_out" if os.path.exists(os.path.join(fixture, "deploy_full_out_0.npy")) else "deploy_out"
+    if prefix is None:
+        prefix = "deploy_full_out" if os.path.exists(os.path.join(fixture, "deploy_full_out_0.npy")) else "deploy_out"
     out = compare_outputs(m.float().eval(), fixture, prefix, 2e-3 if fp16 else 1e-5)
     res = {"family": meta.get("family"), "fp16": fp16}
     if "error" in out:
@@ -236,17 +239,17 @@ def full_module(path, fixture):
 
 def main():
     modes = {"state_dict": state_dict, "full_module": full_module, "run_only": run_only}
-    if len(sys.argv) != 4 or sys.argv[1] not in modes:
+    if not (len(sys.argv) == 4 or (len(sys.argv) == 5 and sys.argv[1] == "run_only")) or sys.argv[1] not in modes:
         print(json.dumps({"ok": False, "stage": "usage", "error": __doc__.strip().splitlines()[0]}))
         sys.exit(2)
-    mode, path, fixture = sys.argv[1:]
+    mode, path, fixture = sys.argv[1:4]
     try:
         import torch  # noqa: F401
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"ok": False, "stage": "setup", "error": f"import torch: {e}"}))
         sys.exit(2)
     try:
-        modes[mode](path, fixture)
+        modes[mode](path, fixture, *sys.argv[4:])
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001

@@ -12,7 +12,7 @@ import type { FoldInfo, RejectedCandidate } from '../model';
 import { NewTensor, TorchTensor } from '../torch/tensor';
 import { PyBoundMethod, PyDict, PyObject, PyTuple, type PyValue } from '../torch/values';
 import type { CkptBlock } from './detect';
-import { asBN, asConv, type BNRef, type ConvRef, Reject } from './match';
+import { asBN, asConv, type BNRef, type ConvRef, isInertClass, Reject } from './match';
 import { type CkptTensor, isModuleObject, keysUnder, type ModuleNode, modulesOf, numelOf, walk } from './tree';
 
 // ----- the official whole-model folds -------------------------------------------------------------
@@ -162,16 +162,19 @@ export interface FoldPlan {
  * rewritten in deploy form (the official loaders run Model.fuse() on them; a state_dict output is
  * for the deploy model as built, which keeps Conv+BN until fuse()), and RepViT, whose official
  * conversion replace_batchnorm always folds. `kind`: what the tree was read from (a module's classes
- * are checked); `writesModules`: the output keeps the module objects.
+ * are checked); `writesModules`: the output keeps the module objects; `leftAlone`: the paths of
+ * rejected block candidates, whose layers stay as they are.
  */
-export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' | 'state_dict', mode: boolean | undefined, eps?: number, writesModules = kind === 'module'): FoldPlan {
+export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' | 'state_dict', mode: boolean | undefined, eps?: number, writesModules = kind === 'module', leftAlone: readonly string[] = []): FoldPlan {
   const { set, why } = foldSetFor(root, blocks);
-  if (mode === false) return { folds: [], notFolded: [] };
+  if (mode === false) return set?.id === 'repvit' ? noRepvitFold(root, blocks, kind, eps, writesModules, leftAlone) : { folds: [], notFolded: [] };
   if (!set) return { folds: [], notFolded: [], note: mode ? `--fold-bn: nothing folded: ${why}.` : undefined };
   // RepViT's and DBB's official conversions always fold; YOLO repos fold in Model.fuse() on modules.
   const on = mode ?? (!set.yolo || (kind === 'module' && writesModules));
   if (!on) return { folds: [], notFolded: [] };
-  const claimed = (n: ModuleNode) => blocks.some((b) => n.path === b.node.path || n.path.startsWith(`${b.node.path}.`) || b.node.path.startsWith(`${n.path}.`));
+  // A block's own layers are fused with it; a rejected candidate (`leftAlone`) is left entirely as it is.
+  const claimed = (n: ModuleNode) =>
+    blocks.some((b) => n.path === b.node.path || n.path.startsWith(`${b.node.path}.`) || b.node.path.startsWith(`${n.path}.`)) || leftAlone.some((p) => n.path.startsWith(`${p}.`));
   const epsOf = (n: ModuleNode): Pick<BNRef, 'eps' | 'epsSource'> => {
     if (eps !== undefined) return { eps, epsSource: 'override' };
     const e = n.attrs.get('eps');
@@ -184,6 +187,7 @@ export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' 
     if (!node.path || [...done].some((d) => node.path.startsWith(`${d.path}.`))) continue;
     for (const rule of set.rules) {
       if (kind === 'module' && !rule.classes.includes(last(node.className) ?? '')) continue;
+      if (claimed(node)) break; // a block's own conv+BN: fused with the block
       let f: PlannedFold | undefined;
       try {
         f = matchFold(rule, node, epsOf, kind);
@@ -194,7 +198,6 @@ export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' 
         break;
       }
       if (!f) continue;
-      if (claimed(node)) break; // a block's own conv+BN: fused with the block
       plan.folds.push(f);
       done.add(node);
       break;
@@ -205,6 +208,26 @@ export function planFolds(root: ModuleNode, blocks: CkptBlock[], kind: 'module' 
   return plan;
 }
 
+/**
+ * `--no-fold-bn` on a RepViT model, whose official conversion (utils.replace_batchnorm) folds every
+ * Conv2d_BN, BN_Linear and Classfier together with the RepVGGDW blocks: only the blocks are switched,
+ * and the report says what stays and what that output is. Module objects: a model the official code
+ * still runs, and that replace_batchnorm can finish. A state_dict: it loads into a model whose blocks
+ * alone were replaced (a custom deploy model), not into the official converted RepViT.
+ */
+function noRepvitFold(root: ModuleNode, blocks: CkptBlock[], kind: 'module' | 'state_dict', eps: number | undefined, writesModules: boolean, leftAlone: readonly string[]): FoldPlan {
+  const would = planFolds(root, blocks, kind, true, eps, writesModules, leftAlone).folds;
+  if (!would.length) return { folds: [], notFolded: [] };
+  const what = `${would.length} RepViT module${would.length === 1 ? '' : 's'} (${[...new Set(would.map((f) => f.rule.classes[0]))].join(', ')}) kept in training form; only the re-parameterizable blocks are in deploy form`;
+  return {
+    folds: [],
+    notFolded: [],
+    note: writesModules
+      ? `--no-fold-bn: ${what} (the official code runs this model, and utils.replace_batchnorm folds the rest)`
+      : `--no-fold-bn: ${what}. The official utils.replace_batchnorm folds them too, so this state_dict loads into a model whose blocks alone were replaced, not into the officially converted RepViT (leave the fold on for that)`,
+  };
+}
+
 /** Tensor-holding children of a node. */
 const tensorChildren = (n: ModuleNode) => [...n.children.values()].filter((c) => keysUnder(c).length > 0);
 
@@ -212,6 +235,7 @@ function matchFold(rule: FoldRule, node: ModuleNode, epsOf: (n: ModuleNode) => P
   const a = node.children.get(rule.first);
   const b = node.children.get(rule.second);
   if (rule.kind === 'implicit') return matchImplicit(rule, node, a, b); // the head keeps its anchors
+  if (kind === 'module' && rule.result === 'replace') return matchReplaceModule(rule, node, epsOf);
   if (node.tensors.size) return undefined;
   if (rule.kind === 'distill_head') {
     if (!a) return undefined;
@@ -240,6 +264,55 @@ function matchFold(rule: FoldRule, node: ModuleNode, epsOf: (n: ModuleNode) => P
   if (!bn || !w || w.shape.length !== 2 || b.tensors.has('running_mean')) return undefined;
   if (bn.mean.shape.length !== 1 || bn.mean.shape[0] !== w.shape[1]) throw new Reject(`'${bn.node.path}' has ${bn.mean.shape[0]} features, '${b.path}' takes ${w.shape[1]}.`);
   return { rule, node, bn, linear: { node: b, weight: w, bias: b.tensors.get('bias') }, info: { name: node.path, conv: b.path, bn: bn.node.path, epsilon: bn.eps } };
+}
+
+/** The plain torch.nn layers a RepViT fold is made of. */
+const TORCH_LAYER = {
+  conv: /^torch\.nn\.modules\.conv\.Conv2d$/,
+  bn2d: /^torch\.nn\.modules\.batchnorm\.BatchNorm2d$/,
+  bn1d: /^torch\.nn\.modules\.batchnorm\.BatchNorm1d$/,
+  linear: /^torch\.nn\.modules\.linear\.Linear$/,
+};
+
+/**
+ * A RepViT module object that replace_batchnorm replaces by one folded layer (Conv2d_BN → nn.Conv2d,
+ * BN_Linear → nn.Linear, Classfier → one nn.Linear): nothing else may be lost with it. Its two
+ * children must be the plain torch.nn layers its fuse() reads (Classfier: the BN_Linear heads its
+ * forward calls, as its `distillation` flag says); any other child that is not inert (nn.Identity,
+ * Dropout) and any tensor of its own leaves the module unfolded, named with its class.
+ */
+function matchReplaceModule(rule: FoldRule, node: ModuleNode, epsOf: (n: ModuleNode) => Pick<BNRef, 'eps' | 'epsSource'>): PlannedFold {
+  const what = (n: ModuleNode) => `'${n.name}' (${n.className ?? 'no class'})`;
+  if (node.tensors.size) throw new Reject(`has tensors of its own (${[...node.tensors.keys()].join(', ')}) that the folded layer would lose.`);
+  const extra = [...node.children.values()].filter((c) => c.name !== rule.first && c.name !== rule.second && !(isInertClass(c.className) && !c.tensors.size && !c.children.size));
+  if (extra.length) throw new Reject(`not understood: ${extra.map(what).join(', ')} beside '${rule.first}' and '${rule.second}'; the folded layer would lose ${extra.length === 1 ? 'it' : 'them'}.`);
+  if (rule.kind === 'distill_head') {
+    const distillation = node.attrs.get('distillation');
+    if (typeof distillation !== 'boolean') throw new Reject(`has no boolean 'distillation' attribute (Classfier.forward reads it to average the two heads).`);
+    // distillation=False: the forward and Classfier.fuse use `classifier` only.
+    const heads = (distillation ? [rule.first, rule.second] : [rule.first]).map((name) => {
+      const h = node.children.get(name);
+      if (!h) throw new Reject(`has no '${name}' head (distillation=${distillation ? 'True' : 'False'}).`);
+      if (last(h.className) !== 'BN_Linear') throw new Reject(`head ${what(h)} is not a BN_Linear, which Classfier.fuse folds.`);
+      try {
+        return matchReplaceModule(FOLD_SETS.repvit.rules[1], h, epsOf);
+      } catch (err) {
+        if (err instanceof Reject) throw new Reject(`head '${h.name}': ${err.message}`);
+        throw err;
+      }
+    });
+    const h0 = heads[0];
+    return { rule, node, heads, info: { name: node.path, conv: h0.linear!.node.path, bn: heads.map((h) => h.bn!.node.path).join(' + '), epsilon: h0.bn!.eps } };
+  }
+  const want = rule.kind === 'conv_bn' ? [TORCH_LAYER.conv, TORCH_LAYER.bn2d] : [TORCH_LAYER.bn1d, TORCH_LAYER.linear];
+  [rule.first, rule.second].forEach((name, i) => {
+    const c = node.children.get(name);
+    if (!c) throw new Reject(`has no '${name}' child.`);
+    if (!want[i].test(c.className ?? '') || c.children.size) throw new Reject(`${what(c)} is not the plain torch.nn layer its fuse() reads.`);
+  });
+  const f = matchFold(rule, node, epsOf, 'state_dict');
+  if (!f) throw new Reject(`'${rule.first}' and '${rule.second}' do not hold the weights and running statistics a fold needs.`);
+  return f;
 }
 
 /** YOLOv7's IDetect/IAuxDetect: head convs m.<i> (1×1, with bias), ia.<i>.implicit (1, in, 1, 1), im.<i>.implicit (1, out, 1, 1). */

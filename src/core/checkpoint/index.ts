@@ -355,7 +355,7 @@ export function fusedStateDict(w: WeightSet, dtype?: DType, folds: PlannedFold[]
 
 /** The whole-model folds of a weight set for `--fold-bn` (undefined = the family's default). */
 export function checkpointFolds(w: WeightSet, foldBN: boolean | undefined, eps?: number, writesModules = false): FoldPlan {
-  return planFolds(w.tree, w.detection.blocks, w.kind, foldBN, eps, writesModules);
+  return planFolds(w.tree, w.detection.blocks, w.kind, foldBN, eps, writesModules, w.detection.rejected.map((r) => r.name));
 }
 
 /** Converts every float parameter and buffer of a module tree to `dtype`, in place. */
