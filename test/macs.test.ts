@@ -44,7 +44,9 @@ const onnxFixtures = (): string[] => {
   if (fs.existsSync(official)) {
     for (const d of fs.readdirSync(official)) {
       const sub = path.join(official, d);
-      if (fs.statSync(sub).isDirectory()) for (const f of fs.readdirSync(sub)) if (f.endsWith('.onnx')) list.push(path.join(sub, f));
+      // orepa/train_torchfold.onnx is kept as evidence of an invalid export (torch 1.13's constant
+      // folding breaks an Einsum's ranks; onnxruntime refuses it): it has no shapes to agree on.
+      if (fs.statSync(sub).isDirectory()) for (const f of fs.readdirSync(sub)) if (f.endsWith('.onnx') && f !== 'train_torchfold.onnx') list.push(path.join(sub, f));
     }
   }
   for (const f of fs.readdirSync(path.join(repoRoot, 'examples'))) if (f.endsWith('.onnx')) list.push(path.join(repoRoot, 'examples', f));
@@ -83,7 +85,9 @@ describe('MAC count agrees with onnx shape inference (Python), every Conv/Gemm/M
         assert.equal(ours.total, theirs.total, `${rel}: total MACs`);
         assert.deepEqual(byName, theirs.nodes, `${rel}: per-node MACs`);
       }
-      assert.ok(theirs.total > 0, `${rel}: has MACs`);
+      // OREPA's convolutions take run-time weights (Einsum over branch tensors) onnx cannot shape:
+      // every one of them is then among `unknown`, and RepFuse must have counted it (above).
+      assert.ok(theirs.total > 0 || theirs.unknown.length > 0, `${rel}: has MACs`);
       counted += Object.keys(theirs.nodes).length;
     }
     assert.ok(counted > 300, `${counted} nodes compared`);

@@ -18,7 +18,7 @@ const OPS = ['Conv', 'BatchNormalization', 'Add', 'Sub', 'Mul', 'AveragePool', '
 const official = path.join(repoRoot, 'test', 'fixtures', 'official');
 /** Families whose official exports the region path brings to the deploy model's op counts. */
 const FAMILIES = [
-  'dbb', 'fastvit', 'repvit', 'yolov6_qarepvggv2', 'mobileone', 'repvgg', 'replknet', 'repghost',
+  'dbb', 'fastvit', 'repvit', 'yolov6_qarepvggv2', 'mobileone', 'repvgg', 'replknet', 'repghost', 'unireplknet',
   'yolov6_repvgg', 'yolov6_qarepvgg', 'yolov7', 'yolov9_gelan', 'ultralytics_rtdetr', 'ultralytics_v10',
 ];
 /**
@@ -187,6 +187,19 @@ describe('regions that are not one convolution are rejected, naming the op', () 
     assert.equal(r.blocks.length, 0);
     assert.equal(r.rejected.length, 1, JSON.stringify(r.rejected));
     assert.match(r.rejected[0].reason, /not one convolution: at the borders .* \(Conv 'Conv_dil' pads or crops inside the region\)/);
+  });
+
+  it('a region around a plain block that stays fused still names the convolutions it leaves unfused', () => {
+    const { b, x } = start();
+    const plain = b.add(b.conv(x, C, C, [3, 3], { pads: [1, 1, 1, 1], name: 'Conv_k3' }), b.conv(x, C, C, [1, 1], { name: 'Conv_k1' }));
+    const d = b.conv(x, C, C, [3, 3], { dilation: 2, pads: [2, 2, 2, 2], name: 'Conv_dil' });
+    const y = b.add(b.conv(d, C, C, [3, 3], { pads: [1, 1, 1, 1], name: 'Conv_after' }), b.add(plain, x));
+    b.output(b.relu(y));
+    const r = inspectBytes(dir, b.encode(), { name: 'partial' });
+    assert.equal(r.blocks.length, 1, 'the plain 3×3 + 1×1 + x block is fused');
+    assert.deepEqual(r.blocks[0].branches.map((br) => br.kind).sort(), ['conv', 'conv', 'identity']);
+    assert.equal(r.rejected.length, 1, JSON.stringify(r.rejected));
+    assert.match(r.rejected[0].reason, /not one convolution: at the borders .*Conv 'Conv_dil' pads or crops inside the region.*stays fused; 2 Conv\/BatchNormalization nodes of the region \(Conv 'Conv_dil', Conv 'Conv_after'\) are left as they are/);
   });
 
   it('non-constant weight: a conv whose weight is a graph input, summed with an avg-pool branch', () => {

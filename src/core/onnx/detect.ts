@@ -698,8 +698,12 @@ function linearRegions(model: OnnxModel, index: GraphIndex, det: Detection, clai
     // The plain detector's reason for the same nodes is the more specific one: one entry per candidate.
     const reject = (reason: string) => {
       const ps = new Set(parts);
-      // A region around plain blocks that stay fused (a residual x + block(x)) is no near miss.
-      if (inside.size) return;
+      // A region around plain blocks that stay fused (a residual x + block(x)) is no near miss; one
+      // that also holds convolutions or BNs of its own (UniRepLKNet's dilated branches beside a
+      // plain large-kernel pair) is: those stay unfused, and the report must say so.
+      const own = cand.data.filter((n) => !owner.has(n) && (n.opType === 'Conv' || n.opType === 'BatchNormalization'));
+      if (inside.size && !own.length) return;
+      if (inside.size) reason += ` The plain block${inside.size === 1 ? '' : 's'} inside (${[...inside].map((b) => b.info.name).join(', ')}) stay${inside.size === 1 ? 's' : ''} fused; ${own.length} Conv/BatchNormalization node${own.length === 1 ? '' : 's'} of the region (${own.slice(0, 3).map(nodeLabel).join(', ')}${own.length > 3 ? ', …' : ''}) are left as they are.`;
       if (!det.rejected.some((rj) => rj.parts.some((p) => ps.has(p)))) det.rejected.push({ name, reason, parts });
     };
     let fused;

@@ -664,23 +664,38 @@ function spatialRank(r: RegionNodes, consts: ConstFolder): number {
 
 /** Upper bounds of the receptive field and the stride, from the ops' attributes. */
 function reach(r: RegionNodes, consts: ConstFolder): { field: number; stride: number } {
-  let field = 1;
+  // Along each path from x the extents add up; parallel branches take the widest one (a sum over
+  // every node would make a region of many branches look far wider than it is, and its probes too
+  // big to afford). Pads are counted in full: an upper bound is all the spacing needs.
+  const at = new Map<string, { field: number; stride: number }>([[r.x, { field: 0, stride: 1 }]]);
+  let field = 0;
   let stride = 1;
   for (const n of r.data) {
+    let inField = 0;
+    let inStride = 1;
+    for (const i of n.inputs) {
+      const a = i ? at.get(i) : undefined;
+      if (!a) continue;
+      inField = Math.max(inField, a.field);
+      inStride = Math.max(inStride, a.stride);
+    }
     let k: number[] = [];
     if (n.opType === 'Conv') k = consts.value(n.inputs[1])?.dims.slice(2) ?? [];
     if (n.opType === 'AveragePool') k = attrInts(n, 'kernel_shape') ?? [];
     const dil = attrInts(n, 'dilations') ?? [];
     const s = attrInts(n, 'strides') ?? [];
     const pads = attrInts(n, 'pads') ?? [];
-    field += Math.max(0, ...k.map((v, i) => (v - 1) * (dil[i] ?? 1))) * stride + Math.max(0, ...pads) * stride;
+    let f = inField + Math.max(0, ...k.map((v, i) => (v - 1) * (dil[i] ?? 1))) * inStride + Math.max(0, ...pads) * inStride;
     if (n.opType === 'Pad') {
       const p = n.inputs[1] ? consts.value(n.inputs[1]) : undefined;
-      field += Math.max(0, ...(p ? Array.from(p.data).map(Math.abs) : attrInts(n, 'pads') ?? [2])) * stride;
+      f += Math.max(0, ...(p ? Array.from(p.data).map(Math.abs) : attrInts(n, 'pads') ?? [2])) * inStride;
     }
-    stride *= Math.max(1, ...s);
+    const st = inStride * Math.max(1, ...s);
+    for (const o of n.outputs) if (o) at.set(o, { field: f, stride: st });
+    field = Math.max(field, f);
+    stride = Math.max(stride, st);
   }
-  return { field, stride };
+  return { field: field + 1, stride };
 }
 
 const maxAbs = (a: Float64Array) => a.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
@@ -767,7 +782,7 @@ function probeInput(c: number, sp: number[]): Tensor {
  * Computes the one Conv a region equals, or throws RegionReject naming the op that prevents it.
  */
 export function fuseRegion(r: RegionNodes, consts: ConstFolder, index: GraphIndex, seed = 7): RegionConv {
-  probeBudget = Math.max(1 << 14, Math.min(MAX_PROBE, Math.floor(index.model.source.size / 64)));
+  probeBudget = Math.max(1 << 15, Math.min(MAX_PROBE, Math.floor(index.model.source.size / 64)));
   setEvalLimit(evalLimitFor(index.model));
   // Constants stored in float32 (DBB's border values, computed by the exporter from the BN) agree
   // with the float64 composite only to float32 precision.
