@@ -13,27 +13,13 @@ import { ckptBlockSpec } from '../src/core/checkpoint/fuse';
 import { newNode, walk } from '../src/core/checkpoint/tree';
 import { FAMILIES } from '../src/core/families';
 import { fuseBlock } from '../src/core/fusion';
-import { readTensor, TorchTensor } from '../src/core/torch/tensor';
-import { FileSource } from '../src/core/bytes';
-import { namedTensors, openTorch } from '../src/core/torch/load';
+import { readAllTensors } from './helpers/ckpt-fixtures';
 import { repoRoot } from './helpers/paths';
 
 const officialDir = path.join(repoRoot, 'test', 'fixtures', 'official');
 const fx = (family: string, file: string) => path.join(officialDir, family, file);
 const have = (family: string, file: string) => fs.existsSync(fx(family, file));
 
-/** Every tensor of a torch file by state_dict key (a dict root, or a module under 'model'), as float64. */
-function readAll(file: string): Map<string, { shape: number[]; values: Float64Array }> {
-  const src = new FileSource(file);
-  try {
-    const t = openTorch(src);
-    const out = new Map<string, { shape: number[]; values: Float64Array }>();
-    for (const [k, v] of namedTensors(t.root)) if (v instanceof TorchTensor) out.set(k, { shape: v.shape, values: Float64Array.from(readTensor(v) as ArrayLike<number>) });
-    return out;
-  } finally {
-    src.close();
-  }
-}
 
 interface Compared {
   blocks: number;
@@ -108,7 +94,7 @@ describe('YOLOv6 QARepVGGBlockV2 (official meituan/YOLOv6 fixture)', { skip: hav
       assert.ok(a.report.blocks.every((b) => b.family === 'QARepVGG V2'));
       assert.equal(a.report.blocks.filter((b) => b.branches.some((x) => x.kind === 'avgpool')).length, 14, 'avg-pool inferred exactly where the block keeps its width');
       for (const b of a.report.blocks) assert.ok((b.assumptions ?? []).some((x) => /QARepVGGBlockV2 chosen with --family qarepvggv2/.test(x)), b.name);
-      const c = compareWithOfficial(a, readAll(fx(dir, 'deploy_sd.pt')));
+      const c = compareWithOfficial(a, readAllTensors(fx(dir, 'deploy_sd.pt')));
       t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
       assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
     } finally {
@@ -127,7 +113,7 @@ describe('YOLOv6 QARepVGGBlockV2 (official meituan/YOLOv6 fixture)', { skip: hav
         assert.ok(note && /cannot tell it from QARepVGGBlockV2/.test(note) && /--family qarepvggv2/.test(note) && /YOLOv6's QA configs/.test(note), `${b.name}: ${note}`);
       }
       // And it is really the V1 fusion: without the avg-pool the weights differ from the official V2 ones.
-      const official = readAll(fx(dir, 'deploy_sd.pt'));
+      const official = readAllTensors(fx(dir, 'deploy_sd.pt'));
       const b = a.primary.detection.blocks.find((x) => x.branches.some((br) => br.kind === 'identity'))!;
       const fused = fuseBlock(ckptBlockSpec(b));
       const off = official.get(`${b.node.path}.rbr_reparam.weight`)!;
@@ -141,7 +127,7 @@ describe('YOLOv6 QARepVGGBlockV2 (official meituan/YOLOv6 fixture)', { skip: hav
   test('full-module pickle fused (fp16 weights widened) matches the official conversion of the same pickle', (t) => {
     const a = analyzeCheckpoint(fx(dir, 'train_full.pt'));
     try {
-      const c = compareWithOfficial(a, readAll(fx(dir, 'deploy_full.pt')), (k) => `model.${k}`);
+      const c = compareWithOfficial(a, readAllTensors(fx(dir, 'deploy_full.pt')), (k) => `model.${k}`);
       t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)} (official saved fp16)`);
       assert.ok(c.worstRel < 2e-3, `within float16 rounding of the official fp16 output: ${c.worstRel}`);
     } finally {
@@ -219,7 +205,7 @@ describe('state_dicts of the classification families: fused = the official conve
         assert.ok(mine.length > 0, `${label} blocks found: ${a.report.blocks.map((b) => b.family).join(', ')}`);
         if (count >= 0) assert.equal(mine.length, count);
         assert.deepEqual(a.report.rejected, []);
-        const c = compareWithOfficial(a, readAll(fx(dir, 'deploy_sd.pt')));
+        const c = compareWithOfficial(a, readAllTensors(fx(dir, 'deploy_sd.pt')));
         t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
         assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
       } finally {
@@ -239,7 +225,7 @@ describe('DBB full-module pickles (official DingXiaoH/DiverseBranchBlock fixture
       const kinds = new Set(dbb.flatMap((b) => b.branches.map((x) => x.kind)));
       assert.deepEqual([...kinds].sort(), ['avgpool', 'conv_bn', 'sequential']);
       for (const b of dbb) assert.ok(!(b.assumptions ?? []).some((x) => /assumed/.test(x)), `${b.name}: ${JSON.stringify(b.assumptions)}`);
-      const c = compareWithOfficial(a, readAll(fx('dbb', 'deploy_full.pt')));
+      const c = compareWithOfficial(a, readAllTensors(fx('dbb', 'deploy_full.pt')));
       t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
       assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
     } finally {
@@ -269,7 +255,7 @@ describe('RepGhost (official ChengpengChen/RepGhost fixture)', { skip: have('rep
       const rg = a.report.blocks.filter((b) => b.family === 'RepGhost');
       assert.equal(rg.length, 6);
       assert.equal(rg.filter((b) => b.branches.some((x) => x.kind === 'identity')).length, 2, 'the reparam_identity block has its (Identity, Identity) pair in ghost1 and ghost2');
-      const c = compareWithOfficial(a, readAll(fx('repghost', 'deploy_sd.pt')));
+      const c = compareWithOfficial(a, readAllTensors(fx('repghost', 'deploy_sd.pt')));
       t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
       assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
     } finally {
@@ -283,7 +269,7 @@ describe('RepGhost (official ChengpengChen/RepGhost fixture)', { skip: have('rep
       const rg = a.report.blocks.filter((b) => b.family === 'RepGhost');
       assert.equal(rg.length, 6);
       for (const b of rg) assert.ok((b.assumptions ?? []).some((x) => /reparam_identity=False/.test(x)), b.name);
-      const official = readAll(fx('repghost', 'deploy_sd.pt'));
+      const official = readAllTensors(fx('repghost', 'deploy_sd.pt'));
       for (const b of a.primary.detection.blocks) {
         const fused = fuseBlock(ckptBlockSpec(b));
         const off = official.get(`${b.node.path}.cheap_operation.weight`)!;
@@ -303,7 +289,7 @@ describe('YOLOv6 RepVGGBlock and QARepVGGBlock state_dicts (official meituan/YOL
       const a = analyzeCheckpoint(fx(dir, 'train_sd.pt'));
       try {
         assert.deepEqual(a.report.rejected, []);
-        const c = compareWithOfficial(a, readAll(fx(dir, 'deploy_sd.pt')));
+        const c = compareWithOfficial(a, readAllTensors(fx(dir, 'deploy_sd.pt')));
         t.diagnostic(`${c.blocks} blocks: max |Δ| ${c.worstAbs.toExponential(2)}, max |Δ|/max|w| ${c.worstRel.toExponential(2)}`);
         assert.ok(c.worstRel < 2e-6, `within float32 rounding: ${c.worstRel}`);
         const s2 = a.report.blocks.find((b) => b.name === 'backbone.ERBlock_2.0')!;

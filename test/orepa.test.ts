@@ -12,18 +12,16 @@ import { detectCheckpoint } from '../src/core/checkpoint/detect';
 import { ckptBlockSpec } from '../src/core/checkpoint/fuse';
 import { type CkptTensor, type ModuleNode, treeFromStateDict, walk } from '../src/core/checkpoint/tree';
 import { FAMILIES } from '../src/core/families';
-import { FileSource } from '../src/core/bytes';
 import { fuseBlock } from '../src/core/fusion';
 import { readNpy } from '../src/core/npy';
 import { GraphIndex } from '../src/core/onnx/graph';
 import { openOnnx, type OnnxNode } from '../src/core/onnx/reader';
 import { ConstFolder, findRegions, fuseRegion } from '../src/core/onnx/region';
 import { runNode } from '../src/core/onnx/region-eval';
-import { readTensor, TorchTensor } from '../src/core/torch/tensor';
-import { namedTensors, openTorch } from '../src/core/torch/load';
 import { defaultFuseOptions, fuse } from '../src/engine';
 import { fuseAndValidate } from './helpers/fuse';
 import { maxAbsDiff, ort, runOrt } from './helpers/ort';
+import { readAllTensors } from './helpers/ckpt-fixtures';
 import { makeTmp, repoRoot, rmTmp } from './helpers/paths';
 
 const dir = path.join(repoRoot, 'test', 'fixtures', 'official', 'orepa');
@@ -35,17 +33,6 @@ let tmp: string;
 before(() => (tmp = makeTmp()));
 after(() => rmTmp(tmp));
 
-function readAll(file: string): Map<string, { shape: number[]; values: Float64Array }> {
-  const src = new FileSource(file);
-  try {
-    const t = openTorch(src);
-    const out = new Map<string, { shape: number[]; values: Float64Array }>();
-    for (const [k, v] of namedTensors(t.root)) if (v instanceof TorchTensor) out.set(k, { shape: v.shape, values: Float64Array.from(readTensor(v) as ArrayLike<number>) });
-    return out;
-  } finally {
-    src.close();
-  }
-}
 const maxAbs = (v: ArrayLike<number>) => Array.from(v).reduce((a, x) => Math.max(a, Math.abs(x)), 0);
 
 describe('OREPA ONNX exports: the run-time kernels fold, the model ends as the official deploy export', () => {
@@ -145,7 +132,7 @@ describe('OREPA checkpoints: weight_gen() recomputed, = the official switch_to_d
       assert.ok(b0.postBN);
       assert.deepEqual(b0.branches[0].parts, ['0.origin']);
       assert.deepEqual(b0.branches.map((br) => br.kernel), [[3, 3], [3, 3], [3, 3], [3, 3], [1, 1], [3, 3]]);
-      const official = readAll(fx('deploy_sd.pt'));
+      const official = readAllTensors(fx('deploy_sd.pt'));
       let worst = 0;
       for (const b of blocks) {
         const fused = fuseBlock(ckptBlockSpec(b));
@@ -169,8 +156,8 @@ describe('OREPA checkpoints: weight_gen() recomputed, = the official switch_to_d
     const out = path.join(tmp, 'orepa.sd.pt');
     const r = await fuse(fx('train_sd.pt'), { ...defaultFuseOptions, validate: false, output: out });
     assert.equal(r.blocksFused, 6);
-    const mine = readAll(out);
-    const official = readAll(fx('deploy_sd.pt'));
+    const mine = readAllTensors(out);
+    const official = readAllTensors(fx('deploy_sd.pt'));
     assert.deepEqual([...mine.keys()].sort(), [...official.keys()].sort());
     assert.ok([...official.keys()].includes('0.orepa_reparam.weight') && [...official.keys()].includes('3.or1x1_reparam.bias') && [...official.keys()].includes('5.rbr_reparam.weight'));
     for (const [k, o] of official) {

@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { FAMILIES, isFamilyId } from '../../src/core/families';
 import { readSafetensors } from '../../src/core/safetensors';
 import { namedTensors, openTorch } from '../../src/core/torch/load';
-import type { TorchTensor } from '../../src/core/torch/tensor';
+import { readTensor, type TorchTensor } from '../../src/core/torch/tensor';
 import { repoRoot } from './paths';
 
 export const torchFixtureDir = path.join(repoRoot, 'test', 'fixtures', 'torch');
@@ -158,6 +158,18 @@ export function openTensors(file: string): OpenedTensors {
   }
   const f = openTorch(file);
   return { tensors: namedTensors(f.root), close: () => f.close() };
+}
+
+/** Every tensor of a checkpoint by state_dict-style key, with its shape and its values as float64. */
+export function readAllTensors(file: string): Map<string, { shape: number[]; values: Float64Array }> {
+  const t = openTensors(file);
+  try {
+    const out = new Map<string, { shape: number[]; values: Float64Array }>();
+    for (const [k, v] of t.tensors) out.set(k, { shape: v.shape, values: Float64Array.from(readTensor(v) as ArrayLike<number>) });
+    return out;
+  } finally {
+    t.close();
+  }
 }
 
 export function sha256(file: string): string {
