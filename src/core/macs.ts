@@ -5,6 +5,7 @@
 // shapes cannot be inferred is listed, never guessed.
 import { GraphIndex } from './onnx/graph';
 import { attrInt, attrInts, attrString, numelOf, type OnnxModel, type OnnxNode, readTensorValues } from './onnx/reader';
+import { planEinsum } from './onnx/region-eval';
 import type { Benefit } from './report';
 
 export interface MacCount {
@@ -250,28 +251,9 @@ function infer(node: OnnxNode, ins: (Shape | undefined)[], constOf: (n: string) 
       return [out];
     }
     case 'Einsum': {
-      // Explicit ('ij,jk->ik') or implicit output (the labels used once, in order); a size-1 dim
-      // broadcasts against its label's other sizes. Ellipses are not inferred.
-      const eq = attrString(node, 'equation')?.replace(/\s+/g, '');
-      if (!eq || eq.includes('.') || ins.some((t) => !t)) return [];
-      const [lhs, rhs] = eq.split('->');
-      const terms = lhs.split(',');
-      if (terms.length !== ins.length) return [];
-      const size = new Map<string, number>();
-      const uses = new Map<string, number>();
-      for (const [k, term] of terms.entries()) {
-        const t = ins[k]!;
-        if (term.length !== t.length) return [];
-        for (const [i, c] of [...term].entries()) {
-          uses.set(c, (uses.get(c) ?? 0) + 1);
-          const d = size.get(c);
-          if (d === undefined || d === 1) size.set(c, t[i]);
-          else if (t[i] !== 1 && t[i] !== d) return [];
-        }
-      }
-      const out = rhs ?? [...uses.keys()].filter((c) => uses.get(c) === 1).sort().join('');
-      if ([...out].some((c) => !size.has(c))) return [];
-      return [[...out].map((c) => size.get(c)!)];
+      if (ins.some((t) => !t)) return [];
+      const plan = planEinsum(attrString(node, 'equation') ?? '', ins as Shape[]);
+      return typeof plan === 'string' ? [] : [plan.out.map((c) => plan.size.get(c)!)];
     }
     case 'Transpose': {
       if (!x) return [];

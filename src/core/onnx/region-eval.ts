@@ -529,25 +529,36 @@ const MAX_EINSUM_STEPS = 1 << 28;
  * `cgtihw,ocgt->cogihw`: its run-time kernels): every product summed in float64. A repeated letter
  * in one operand takes its diagonal; an ellipsis (broadcast dims) is refused by name.
  */
-function einsum(node: OnnxNode, ts: Tensor[]): Tensor {
-  const eq = (attrString(node, 'equation') ?? '').replace(/\s+/g, '');
-  if (eq.includes('.')) throw new EvalError(node, `has an ellipsis in '${eq}'; only lettered equations are evaluated.`);
+/** An Einsum equation checked against its operands' shapes: the terms, the output labels, each label's size. */
+export interface EinsumPlan {
+  terms: string[];
+  out: string[];
+  size: Map<string, number>;
+}
+
+/**
+ * Parses an Einsum equation (explicit or implicit output, letters only) against the operands'
+ * shapes; returns why it does not fit as a string. A dim of 1 broadcasts against a larger one
+ * (torch and onnxruntime do so: OREPA_3x3_RepVGG's `oihw,hw->oihw` multiplies a [o, i, 1, 1]
+ * weight by a [k, k] window). Shared by the evaluator and the MAC counter's shape inference.
+ */
+export function planEinsum(equation: string, shapes: number[][]): EinsumPlan | string {
+  const eq = equation.replace(/\s+/g, '');
+  if (eq.includes('.')) return `has an ellipsis in '${eq}'; only lettered equations are evaluated.`;
   const arrow = eq.indexOf('->');
   const lhs = arrow >= 0 ? eq.slice(0, arrow) : eq;
   const terms = lhs.split(',');
-  if (terms.length !== ts.length || !/^[A-Za-z,]*(->[A-Za-z]*)?$/.test(eq)) throw new EvalError(node, `has an equation '${eq}' that does not fit its ${ts.length} inputs.`);
-  // A label's size; a dim of 1 broadcasts against a larger one (torch and onnxruntime do so:
-  // OREPA_3x3_RepVGG's `oihw,hw->oihw` multiplies a [o, i, 1, 1] weight by a [k, k] window).
+  if (terms.length !== shapes.length || !/^[A-Za-z,]*(->[A-Za-z]*)?$/.test(eq)) return `has an equation '${eq}' that does not fit its ${shapes.length} inputs.`;
   const size = new Map<string, number>();
-  terms.forEach((t, k) => {
-    if (t.length !== ts[k].dims.length) throw new EvalError(node, `operand ${k} has rank ${ts[k].dims.length}, its term '${t}' ${t.length}.`);
-    [...t].forEach((c, a) => {
-      const d = ts[k].dims[a];
+  for (const [k, t] of terms.entries()) {
+    if (t.length !== shapes[k].length) return `operand ${k} has rank ${shapes[k].length}, its term '${t}' ${t.length}.`;
+    for (const [a, c] of [...t].entries()) {
+      const d = shapes[k][a];
       const e = size.get(c);
-      if (e !== undefined && e !== d && e !== 1 && d !== 1) throw new EvalError(node, `label '${c}' has sizes ${e} and ${d}.`);
+      if (e !== undefined && e !== d && e !== 1 && d !== 1) return `label '${c}' has sizes ${e} and ${d}.`;
       size.set(c, e === undefined || e === 1 ? d : e);
-    });
-  });
+    }
+  }
   let out: string[];
   if (arrow >= 0) out = [...eq.slice(arrow + 2)];
   else {
@@ -555,7 +566,14 @@ function einsum(node: OnnxNode, ts: Tensor[]): Tensor {
     for (const c of lhs.replace(/,/g, '')) count.set(c, (count.get(c) ?? 0) + 1);
     out = [...count.keys()].filter((c) => count.get(c) === 1).sort();
   }
-  if (new Set(out).size !== out.length || out.some((c) => !size.has(c))) throw new EvalError(node, `has an output '${out.join('')}' that is not a set of input labels.`);
+  if (new Set(out).size !== out.length || out.some((c) => !size.has(c))) return `has an output '${out.join('')}' that is not a set of input labels.`;
+  return { terms, out, size };
+}
+
+function einsum(node: OnnxNode, ts: Tensor[]): Tensor {
+  const plan = planEinsum(attrString(node, 'equation') ?? '', ts.map((t) => t.dims));
+  if (typeof plan === 'string') throw new EvalError(node, plan);
+  const { terms, out, size } = plan;
   const labels = [...out, ...[...size.keys()].filter((c) => !out.includes(c))];
   const dims = out.map((c) => size.get(c)!);
   const res = alloc(numel(dims));
